@@ -1,0 +1,1 @@
+"""saelib: reproducible sparse-autoencoder interpretability experiments."""

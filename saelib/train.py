@@ -1,0 +1,310 @@
+"""Training SAEs (all instances at once): Adam, warmup-stable-decay LR, per-instance gradient
+clipping, an adaptive L1 coefficient that steers L0 to a target, optional Matryoshka loss and
+latent permutation.
+
+The recipe follows Nabeshima's Matryoshka SAE code (``noanabeshima/matryoshka-saes``, ``sae.py``):
+Adam(lr 3e-2, betas (0.5, 0.9375)), grad-norm clip 1.0, WSD schedule, and a sparsity controller
+(an idea credited there to Glen Taggart) that multiplies the coefficient by ``1 ± eps`` each step
+after a linear warm-up, depending on whether the batch L0 is above or below the target.
+
+Losses (per instance, summed over instances so instances never share a gradient):
+
+* reconstruction: ``MSE = mean_batch ||x - x_hat||²`` (squared error summed over ``d_in``), or the
+  Matryoshka mean over prefixes of the same quantity;
+* sparsity: ``coeff * mean_batch sum_j penalty(a_j ||W_dec[j]||)``.
+
+Logged FVU is ``sum_batch ||x - x_hat||² / sum_batch ||x - mean_batch(x)||²`` (see
+:func:`saelib.metrics.fvu`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .matryoshka import MatryoshkaConfig, latent_weights, matryoshka_recon_loss, prefix_weights
+from .penalties import per_latent_penalty
+from .sae import SAE
+
+__all__ = ["TrainConfig", "History", "train_sae", "wsd_lr_factor", "TrainingDivergedError"]
+
+DataSource = Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]] | Tensor | tuple[Tensor, Tensor]
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Raised when the loss becomes NaN/inf or explodes during training."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every instance (per-instance values where noted).
+
+    Attributes:
+        steps: optimiser steps.
+        batch_size: samples per step (the same batch is seen by every instance unless the data
+            source returns ``[batch, inst, d_in]``).
+        lr: peak Adam learning rate.
+        betas: Adam betas (Nabeshima: (0.5, 0.9375)).
+        grad_clip: max gradient norm per instance (None: no clipping).
+        warmup_steps: linear LR warm-up steps.
+        decay_frac: final fraction of the steps over which the LR decays linearly.
+        end_lr_factor: LR at the end as a fraction of ``lr``.
+        l1_coeff: sparsity coefficient (a float, or one per instance for a sweep).
+        target_l0: None keeps ``l1_coeff`` fixed; a number (or one per instance) turns on the
+            adaptive controller that steers the batch L0 towards it.
+        l1_adapt_eps: multiplicative step of the controller.
+        l1_warmup_frac: fraction of the steps over which the coefficient ramps up linearly from 0.
+        penalty: sparsity penalty name (see :mod:`saelib.penalties`); ignored for TopK/BatchTopK.
+        scale_penalty_by_decoder_norm: apply the penalty to ``a_j * ||W_dec[j]||`` (True) or to
+            the raw activation ``a_j`` (False, e.g. for a sparse MLP with a fixed decoder scale).
+        matryoshka: None for a plain SAE, else the prefix configuration.
+        unit_norm_decoder: renormalise decoder rows to 1 after every step.
+        log_every: steps between logged history rows.
+        divergence_factor: stop if the loss exceeds this multiple of its first value.
+        seed: seed of data sampling and prefix sampling.
+        progress: show a tqdm progress bar.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 200
+    lr: float = 3e-2
+    betas: tuple[float, float] = (0.5, 0.9375)
+    grad_clip: float | None = 1.0
+    warmup_steps: int = 100
+    decay_frac: float = 0.2
+    end_lr_factor: float = 0.1
+    l1_coeff: float | Sequence[float] = 1.0
+    target_l0: float | Sequence[float] | None = None
+    l1_adapt_eps: float = 3e-4
+    l1_warmup_frac: float = 0.2
+    penalty: str = "l1"
+    scale_penalty_by_decoder_norm: bool = True
+    matryoshka: MatryoshkaConfig | None = None
+    unit_norm_decoder: bool = False
+    log_every: int = 100
+    divergence_factor: float = 1e4
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if not (0.0 <= self.decay_frac <= 1.0):
+            raise ValueError(f"TrainConfig.decay_frac must be in [0, 1], got {self.decay_frac!r}")
+        if not (0.0 <= self.l1_warmup_frac <= 1.0):
+            raise ValueError(f"TrainConfig.l1_warmup_frac must be in [0, 1], got {self.l1_warmup_frac!r}")
+        if self.grad_clip is not None and not (self.grad_clip > 0):
+            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    """Per-logged-step training curves; every metric is ``[n_logged, inst]``.
+
+    ``mse`` is the full-SAE reconstruction error (mean over batch of the squared error summed
+    over ``d_in``), ``fvu`` its fraction of the batch variance, ``l0`` the mean number of active
+    latents, ``loss`` the total objective and ``l1_coeff`` the sparsity coefficient in force.
+    """
+
+    step: list[int] = field(default_factory=list)
+    loss: list[Tensor] = field(default_factory=list)
+    mse: list[Tensor] = field(default_factory=list)
+    l0: list[Tensor] = field(default_factory=list)
+    fvu: list[Tensor] = field(default_factory=list)
+    l1_coeff: list[Tensor] = field(default_factory=list)
+
+    def as_tensors(self) -> dict[str, Tensor]:
+        """All curves stacked: ``{"step": [n], "loss": [n, inst], ...}``."""
+        out = {"step": torch.tensor(self.step)}
+        for name in ("loss", "mse", "l0", "fvu", "l1_coeff"):
+            out[name] = torch.stack(getattr(self, name)) if self.step else torch.empty(0)
+        return out
+
+    def final(self, name: str) -> Tensor:
+        """The last logged value of one curve, ``[inst]``."""
+        return getattr(self, name)[-1]
+
+
+def wsd_lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Warmup-stable-decay multiplier of the learning rate at ``step`` (0-based)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = cfg.steps * (1 - cfg.decay_frac)
+    if step < decay_start or cfg.decay_frac == 0:
+        return 1.0
+    frac = (step - decay_start) / (cfg.steps * cfg.decay_frac)
+    return 1.0 - (1.0 - cfg.end_lr_factor) * min(frac, 1.0)
+
+
+def _per_instance(value: float | Sequence[float], n_inst: int, name: str) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(n_inst).clone()
+    if t.numel() != n_inst:
+        raise ValueError(f"TrainConfig.{name} has {t.numel()} values but n_inst={n_inst}")
+    if not torch.isfinite(t).all() or (t < 0).any():
+        raise ValueError(f"TrainConfig.{name} must be finite and >= 0, got {t.tolist()}")
+    return t
+
+
+def _check_stored(t: Tensor, d: int, what: str) -> None:
+    if t.ndim != 2 or t.shape[1] != d:
+        raise ValueError(f"{what} tensor must be [n_samples, {d}], got {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).any(dim=1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{what} tensor contains NaN/inf (rows {bad} ...)")
+
+
+def _sampler(data: DataSource, d_in: int, d_out: int) -> Callable[[int, torch.Generator], Any]:
+    """Turn stored activations (a tensor, or an ``(inputs, targets)`` pair) into a sampler."""
+    if isinstance(data, Tensor):
+        data = (data, data)
+    if isinstance(data, tuple):
+        inputs, targets = data
+        _check_stored(inputs, d_in, "input activation")
+        if targets is not inputs:
+            _check_stored(targets, d_out, "target activation")
+            if len(targets) != len(inputs):
+                raise ValueError(f"inputs have {len(inputs)} rows but targets have {len(targets)}")
+
+        def sample(batch: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+            idx = torch.randint(len(inputs), (batch,), generator=g)
+            return inputs[idx], targets[idx]
+
+        return sample
+    return data
+
+
+def _clip_per_instance(params: list[Tensor], max_norm: float) -> None:
+    """Clip each instance's gradient (all parameters together) to ``max_norm``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sq = sum(g.pow(2).flatten(1).sum(1) for g in grads)  # [inst]
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *([1] * (g.ndim - 1))))
+
+
+@torch.no_grad()
+def _permute_with_optimizer(sae: SAE, opt: torch.optim.Optimizer, perm: Tensor) -> None:
+    """Permute latents and the matching Adam moments so optimisation continues seamlessly."""
+    sae.permute_latents(perm)
+    index_dims = {id(sae.W_enc): 2, id(sae.b_enc): 1, id(sae.W_dec): 1}
+    for p in (sae.W_enc, sae.b_enc, sae.W_dec):
+        state = opt.state.get(p, {})
+        dim = index_dims[id(p)]
+        shape = [1] * p.ndim
+        shape[0], shape[dim] = perm.shape
+        idx = perm.view(shape).expand_as(p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key].copy_(state[key].gather(dim, idx))
+
+
+def train_sae(sae: SAE, data: DataSource, cfg: TrainConfig) -> History:
+    """Train every instance of ``sae`` in place and return its :class:`History`.
+
+    Args:
+        sae: the SAEs to train (``n_inst`` of them).
+        data: a function ``(batch_size, generator) -> x`` returning ``[batch, d_in]`` (shared by
+            all instances) or ``[batch, inst, d_in]``; or a tensor ``[n_samples, d_in]`` of stored
+            activations sampled with replacement. For a transcoder (``d_out`` set), the function
+            returns ``(x, target)`` and stored data is a pair of tensors ``(inputs, targets)``.
+
+    Raises:
+        ValueError: bad config values or data shapes, NaNs in a stored activation tensor.
+        TrainingDivergedError: the loss became NaN/inf or grew past ``divergence_factor`` times
+            its first value (the message names the step and instances).
+    """
+    n_inst, d_sae = sae.n_inst, sae.d_sae
+    sample = _sampler(data, sae.d_in, sae.d_out)
+    coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff")
+    target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0")
+    uses_penalty = sae.cfg.architecture == "relu"
+    mcfg = cfg.matryoshka
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    params = [p for p in sae.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_lr_factor(s, cfg))
+    sq_act_ema = torch.zeros(n_inst, d_sae)
+    l1_warmup = max(1, int(cfg.l1_warmup_frac * cfg.steps))
+    hist = History()
+    first_loss: Tensor | None = None
+    sae.train()
+
+    for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc="train SAE", mininterval=1.0):
+        batch = sample(cfg.batch_size, g)
+        x_in, x = batch if isinstance(batch, tuple) else (batch, batch)
+        x = sae._as_instances(x, sae.d_out)  # reconstruction target [batch, inst, d_out]
+        x_hat, acts = sae(x_in)
+        if mcfg is None:
+            weights = None
+            recon = (x - x_hat).pow(2).sum(-1).mean(0)  # [inst]
+        else:
+            weights = prefix_weights(mcfg, d_sae, n_inst, g)
+            recon = matryoshka_recon_loss(x, acts, sae.W_dec, sae.b_dec, weights)
+        ramp = min(1.0, (step + 1) / l1_warmup)
+        if uses_penalty:
+            scale = sae.decoder_norms() if cfg.scale_penalty_by_decoder_norm else torch.ones(n_inst, d_sae)
+            pen = per_latent_penalty(acts, scale, cfg.penalty)  # [inst, d_sae]
+            if weights is not None and mcfg.weight_sparsity_by_prefix:
+                pen = pen * latent_weights(weights)
+            sparsity = pen.sum(-1)
+            loss_i = recon + ramp * coeff * sparsity
+        else:
+            loss_i = recon
+        if not torch.isfinite(loss_i).all():
+            bad = (~torch.isfinite(loss_i)).nonzero().flatten().tolist()
+            raise TrainingDivergedError(f"non-finite loss at step {step} for instance(s) {bad}")
+        if first_loss is None:
+            first_loss = loss_i.detach().clamp_min(1e-12)
+        elif (loss_i.detach() > cfg.divergence_factor * first_loss).any():
+            bad = (loss_i.detach() > cfg.divergence_factor * first_loss).nonzero().flatten().tolist()
+            raise TrainingDivergedError(
+                f"loss diverged at step {step} for instance(s) {bad}: "
+                f"{loss_i.detach()[bad].tolist()} > {cfg.divergence_factor} x first loss"
+            )
+
+        opt.zero_grad(set_to_none=True)
+        loss_i.sum().backward()
+        if cfg.grad_clip is not None:
+            _clip_per_instance(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        if cfg.unit_norm_decoder:
+            sae.normalize_decoder()
+
+        with torch.no_grad():
+            l0 = (acts > 0).float().sum(-1).mean(0)  # [inst]
+            if target is not None and step + 1 >= l1_warmup:
+                coeff = torch.where(l0 < target, coeff * (1 - cfg.l1_adapt_eps), coeff * (1 + cfg.l1_adapt_eps))
+            if mcfg is not None and mcfg.permute_latents:
+                scaled_sq = (acts * sae.decoder_norms()).pow(2).mean(0)
+                sq_act_ema.mul_(mcfg.permute_ema).add_((1 - mcfg.permute_ema) * scaled_sq)
+                perm = sq_act_ema.argsort(dim=-1, descending=True, stable=True)
+                _permute_with_optimizer(sae, opt, perm)
+                sq_act_ema = sq_act_ema.gather(1, perm)
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                err = (x - x_hat).pow(2).sum(-1)
+                var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
+                hist.step.append(step)
+                hist.loss.append(loss_i.detach().clone())
+                hist.mse.append(err.mean(0))
+                hist.l0.append(l0)
+                hist.fvu.append(err.sum(0) / var.clamp_min(1e-12))
+                hist.l1_coeff.append((ramp * coeff).clone())
+    sae.eval()
+    return hist
+

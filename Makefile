@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saelib-installed
 # the venv's bin first on PATH, so the notebooks' python3 kernel is the venv's interpreter
-RUN := PATH="$(abspath $(VENV))/bin:$$PATH" MPLBACKEND=Agg
+RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
 .PHONY: env figures notebooks test unit benchmark clean-cache

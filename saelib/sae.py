@@ -248,7 +248,7 @@ class SAE(nn.Module):
         if not (0 <= i < self.n_inst):
             raise IndexError(f"instance {i} out of range for n_inst={self.n_inst}")
         cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "n_inst": 1})
-        out = SAE(cfg)
+        out = SAE(cfg).to(device=self.W_enc.device, dtype=self.W_enc.dtype)
         with torch.no_grad():
             for name, t in list(self.named_parameters()) + list(self.named_buffers()):
                 getattr(out, name).copy_(t[i : i + 1])

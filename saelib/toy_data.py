@@ -35,6 +35,7 @@ __all__ = [
     "nabeshima_tree",
     "chanin_parent_children",
     "chanin_absorption_order",
+    "stacked_sampler",
 ]
 
 
@@ -88,8 +89,8 @@ def _validate_node(node: FeatureNode, path: str) -> None:
         if len(mag) != 2 or not all(isinstance(m, (int, float)) for m in mag):
             raise ValueError(f"{path}.magnitude as a range must be (lo, hi), got {mag!r}")
         lo, hi = mag
-        if not (0.0 <= lo <= hi):
-            raise ValueError(f"{path}.magnitude range must satisfy 0 <= lo <= hi, got {mag!r}")
+        if not (0.0 <= lo <= hi) or not math.isfinite(hi) or hi == 0:
+            raise ValueError(f"{path}.magnitude range must satisfy 0 <= lo <= hi < inf, hi > 0, got {mag!r}")
     elif not isinstance(mag, (int, float)) or not (mag > 0) or math.isinf(mag):
         raise ValueError(f"{path}.magnitude must be a positive finite number, got {mag!r}")
     if node.exclusive_children:
@@ -321,19 +322,30 @@ class ToyHierarchy:
 
 
 # ---------------------------------------------------------------------- presets
-def nabeshima_tree(d: int = 20, norm_jitter: float = 0.05, seed: int = 0) -> ToyHierarchy:
+def nabeshima_tree(
+    d: int = 20,
+    norm_jitter: float = 0.05,
+    seed: int = 0,
+    p_parent: float = 0.15,
+    p_child: float = 0.2,
+    p_singleton: float = 0.05,
+    directions: str = "orthonormal",
+) -> ToyHierarchy:
     """Nabeshima's Matryoshka toy tree (``tree.json`` in noanabeshima/matryoshka-saes).
 
     3 parents (p = 0.15) with 3 mutually exclusive children each (p = 0.2 given the parent, plus a
     "none" option at 0.4), and 8 independent singletons (p = 0.05): 20 features, magnitude 1,
     orthonormal directions in ``d`` = 20 dimensions. E[L0] = 3·0.15·1.6 + 8·0.05 = 1.12.
+    The probabilities and embedding are parameters so widgets can vary them; ``d < 20`` with
+    ``directions="random"`` gives a superposition variant.
     """
     parents = tuple(
-        FeatureNode(0.15, children=tuple(FeatureNode(0.2) for _ in range(3)), exclusive_children=True)
+        FeatureNode(p_parent, children=tuple(FeatureNode(p_child) for _ in range(3)), exclusive_children=True)
         for _ in range(3)
     )
-    singletons = tuple(FeatureNode(0.05) for _ in range(8))
-    return ToyHierarchy(HierarchySpec(parents + singletons, d=d, norm_jitter=norm_jitter, seed=seed))
+    singletons = tuple(FeatureNode(p_singleton) for _ in range(8))
+    spec = HierarchySpec(parents + singletons, d=d, directions=directions, norm_jitter=norm_jitter, seed=seed)
+    return ToyHierarchy(spec)
 
 
 def chanin_parent_children(
@@ -360,3 +372,20 @@ def chanin_absorption_order(d: int = 20, seed: int = 0) -> ToyHierarchy:
     p = 0.15 overall (0.5 given the parent) magnitude 10 (share 15.0). Source: seed thread 002."""
     root = FeatureNode(0.3, magnitude=2.0, children=(FeatureNode(0.5, magnitude=10.0),))
     return ToyHierarchy(HierarchySpec((root,), d=d, seed=seed))
+
+
+def stacked_sampler(hierarchies: list[ToyHierarchy]):
+    """A data source for :func:`saelib.train.train_sae` giving instance ``i`` samples of
+    ``hierarchies[i]``: ``(batch, generator) -> x`` of shape ``[batch, inst, d]``.
+
+    Lets one batched training run sweep a data parameter (e.g. the child probability).
+    Raises ValueError if the hierarchies differ in ``d``.
+    """
+    dims = {h.d for h in hierarchies}
+    if len(dims) != 1:
+        raise ValueError(f"all hierarchies must share d, got {sorted(dims)}")
+
+    def sample(batch: int, generator: torch.Generator) -> Tensor:
+        return torch.stack([h.sample(batch, generator)[0] for h in hierarchies], dim=1)
+
+    return sample

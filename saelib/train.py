@@ -27,7 +27,13 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .matryoshka import MatryoshkaConfig, latent_weights, matryoshka_recon_loss, prefix_weights
+from .matryoshka import (
+    MatryoshkaConfig,
+    PerInstanceMatryoshka,
+    latent_weights,
+    matryoshka_recon_loss,
+    matryoshka_variant_loss,
+)
 from .penalties import per_latent_penalty
 from .sae import SAE
 
@@ -59,11 +65,18 @@ class TrainConfig:
             adaptive controller that steers the batch L0 towards it.
         l1_adapt_eps: multiplicative step of the controller.
         l1_warmup_frac: fraction of the steps over which the coefficient ramps up linearly from 0.
-        penalty: sparsity penalty name (see :mod:`saelib.penalties`); ignored for TopK/BatchTopK.
+        penalty: sparsity penalty name (see :mod:`saelib.penalties`), or one per instance;
+            ignored for TopK/BatchTopK.
         scale_penalty_by_decoder_norm: apply the penalty to ``a_j * ||W_dec[j]||`` (True) or to
             the raw activation ``a_j`` (False, e.g. for a sparse MLP with a fixed decoder scale).
-        matryoshka: None for a plain SAE, else the prefix configuration.
+        matryoshka: None for a plain SAE, else the prefix configuration, or one configuration
+            per instance (variants trained side by side; ``MatryoshkaConfig(mode="fixed",
+            prefixes=(d_sae,))`` makes an instance a plain SAE).
         unit_norm_decoder: renormalise decoder rows to 1 after every step.
+        resample_dead_every: every this many steps (during the first half of training), latents
+            that did not fire in the window are re-initialised towards an input of the current
+            batch (a simplified version of Anthropic's neuron resampling, "Towards
+            Monosemanticity" 2023); None disables it.
         log_every: steps between logged history rows.
         divergence_factor: stop if the loss exceeds this multiple of its first value.
         seed: seed of data sampling and prefix sampling.
@@ -82,10 +95,11 @@ class TrainConfig:
     target_l0: float | Sequence[float] | None = None
     l1_adapt_eps: float = 3e-4
     l1_warmup_frac: float = 0.2
-    penalty: str = "l1"
+    penalty: str | Sequence[str] = "l1"
     scale_penalty_by_decoder_norm: bool = True
-    matryoshka: MatryoshkaConfig | None = None
+    matryoshka: MatryoshkaConfig | Sequence[MatryoshkaConfig] | None = None
     unit_norm_decoder: bool = False
+    resample_dead_every: int | None = None
     log_every: int = 100
     divergence_factor: float = 1e4
     seed: int = 0
@@ -102,6 +116,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.decay_frac must be in [0, 1], got {self.decay_frac!r}")
         if not (0.0 <= self.l1_warmup_frac <= 1.0):
             raise ValueError(f"TrainConfig.l1_warmup_frac must be in [0, 1], got {self.l1_warmup_frac!r}")
+        if self.resample_dead_every is not None and (
+            not isinstance(self.resample_dead_every, int) or self.resample_dead_every < 1
+        ):
+            raise ValueError(f"TrainConfig.resample_dead_every must be None or an int >= 1, got {self.resample_dead_every!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not (0.0 <= self.end_lr_factor <= 1.0):
+            raise ValueError(f"TrainConfig.end_lr_factor must be in [0, 1], got {self.end_lr_factor!r}")
+        if not (0.0 <= self.l1_adapt_eps < 1.0):
+            raise ValueError(f"TrainConfig.l1_adapt_eps must be in [0, 1), got {self.l1_adapt_eps!r}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"TrainConfig.betas must be in [0, 1), got {self.betas!r}")
         if self.grad_clip is not None and not (self.grad_clip > 0):
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
 
@@ -212,7 +238,59 @@ def _permute_with_optimizer(sae: SAE, opt: torch.optim.Optimizer, perm: Tensor) 
                 state[key].copy_(state[key].gather(dim, idx))
 
 
-def train_sae(sae: SAE, data: DataSource, cfg: TrainConfig) -> History:
+@torch.no_grad()
+def _resample_dead(
+    sae: SAE, opt: torch.optim.Optimizer, dead: Tensor, x_in: Tensor, err: Tensor, g: torch.Generator
+) -> None:
+    """Point each dead latent (``dead`` is ``[inst, d_sae]`` bool) at an input of the batch drawn
+    with probability proportional to its squared reconstruction error (``err`` is ``[batch, inst]``)."""
+    inst_idx, lat_idx = dead.nonzero(as_tuple=True)
+    if len(inst_idx) == 0:
+        return
+    x_in = sae._as_instances(x_in)  # [batch, inst, d_in]
+    probs = err.T[inst_idx] + 1e-12  # [n_dead, batch]
+    rows = torch.multinomial(probs, 1, generator=g)[:, 0]
+    v = x_in[rows, inst_idx]
+    if sae.cfg.apply_b_dec_to_input:
+        v = v - sae.b_dec[inst_idx]
+    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n_dead, d_in]
+    enc_norm = sae.W_enc.norm(dim=1).mean(dim=1)[inst_idx]  # typical encoder column norm
+    sae.W_enc[inst_idx, :, lat_idx] = v * enc_norm[:, None]
+    sae.b_enc[inst_idx, lat_idx] = 0.0
+    if sae.d_out == sae.d_in:
+        sae.W_dec[inst_idx, lat_idx] = v * sae.cfg.dec_init_norm
+    for p, index in ((sae.W_enc, (inst_idx, slice(None), lat_idx)), (sae.b_enc, (inst_idx, lat_idx)), (sae.W_dec, (inst_idx, lat_idx))):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in opt.state.get(p, {}):
+                opt.state[p][key][index] = 0.0
+
+
+def _penalty_kinds(penalty: str | Sequence[str], n_inst: int) -> list[str]:
+    kinds = [penalty] * n_inst if isinstance(penalty, str) else list(penalty)
+    if len(kinds) != n_inst:
+        raise ValueError(f"TrainConfig.penalty has {len(kinds)} entries but n_inst={n_inst}")
+    return kinds
+
+
+def _penalty(acts: Tensor, scale: Tensor, kinds: list[str]) -> Tensor:
+    """Per-latent penalty ``[inst, d_sae]``, each instance with its own penalty kind."""
+    if all(k == kinds[0] for k in kinds):
+        return per_latent_penalty(acts, scale, kinds[0])
+    out = acts.new_zeros(acts.shape[1:])
+    for kind in dict.fromkeys(kinds):
+        idx = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        out = out.index_copy(0, idx, per_latent_penalty(acts[:, idx], scale[idx], kind))
+    return out
+
+
+def train_sae(
+    sae: SAE,
+    data: DataSource,
+    cfg: TrainConfig,
+    *,
+    callback: Callable[[int, SAE], None] | None = None,
+    term_mask: Callable[[Tensor], Tensor] | None = None,
+) -> History:
     """Train every instance of ``sae`` in place and return its :class:`History`.
 
     Args:
@@ -221,6 +299,11 @@ def train_sae(sae: SAE, data: DataSource, cfg: TrainConfig) -> History:
             all instances) or ``[batch, inst, d_in]``; or a tensor ``[n_samples, d_in]`` of stored
             activations sampled with replacement. For a transcoder (``d_out`` set), the function
             returns ``(x, target)`` and stored data is a pair of tensors ``(inputs, targets)``.
+        callback: called as ``callback(step, sae)`` after every optimiser step (under
+            ``torch.no_grad``), e.g. to record decoder cosines over training.
+        term_mask: Matryoshka only: ``x_in -> keep`` with ``keep`` ``[batch, inst, d_sae]``
+            weighting each ``(sample, prefix)`` loss term (e.g.
+            :class:`saelib.matryoshka.SplitTermMask`).
 
     Raises:
         ValueError: bad config values or data shapes, NaNs in a stored activation tensor.
@@ -232,15 +315,27 @@ def train_sae(sae: SAE, data: DataSource, cfg: TrainConfig) -> History:
     coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff")
     target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0")
     uses_penalty = sae.cfg.architecture == "relu"
-    mcfg = cfg.matryoshka
+    kinds = _penalty_kinds(cfg.penalty, n_inst)
+    mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst)
+    if term_mask is not None and mplan is None:
+        raise ValueError("term_mask needs a Matryoshka loss (TrainConfig.matryoshka is None)")
+    permute_ema: float | Tensor = 0.0
+    if mplan is not None:  # a float when shared (as before per-instance configs), else [inst, 1]
+        uniform = bool((mplan.permute_ema == mplan.permute_ema[0]).all())
+        permute_ema = mplan.configs[0].permute_ema if uniform else mplan.permute_ema[:, None]
 
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)  # data stream only
+    # prefix sampling and dead-latent resampling draw from their own streams, so that neither
+    # changes the data any instance sees
+    g_prefix = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    g_resample = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     params = [p for p in sae.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_lr_factor(s, cfg))
     sq_act_ema = torch.zeros(n_inst, d_sae)
     l1_warmup = max(1, int(cfg.l1_warmup_frac * cfg.steps))
     hist = History()
+    fired = torch.zeros(n_inst, d_sae, dtype=torch.bool)
     first_loss: Tensor | None = None
     sae.train()
 
@@ -249,18 +344,27 @@ def train_sae(sae: SAE, data: DataSource, cfg: TrainConfig) -> History:
         x_in, x = batch if isinstance(batch, tuple) else (batch, batch)
         x = sae._as_instances(x, sae.d_out)  # reconstruction target [batch, inst, d_out]
         x_hat, acts = sae(x_in)
-        if mcfg is None:
+        if mplan is None:
             weights = None
             recon = (x - x_hat).pow(2).sum(-1).mean(0)  # [inst]
         else:
-            weights = prefix_weights(mcfg, d_sae, n_inst, g)
-            recon = matryoshka_recon_loss(x, acts, sae.W_dec, sae.b_dec, weights)
+            weights = mplan.weights(d_sae, g_prefix)
+            if term_mask is None and not mplan.routes_gradient:
+                recon = matryoshka_recon_loss(x, acts, sae.W_dec, sae.b_dec, weights)
+            else:
+                keep = None if term_mask is None else term_mask(x_in)
+                recon = matryoshka_variant_loss(
+                    x, acts, sae.W_dec, sae.b_dec, weights, mplan.inner_grad_scale, keep
+                )
         ramp = min(1.0, (step + 1) / l1_warmup)
         if uses_penalty:
             scale = sae.decoder_norms() if cfg.scale_penalty_by_decoder_norm else torch.ones(n_inst, d_sae)
-            pen = per_latent_penalty(acts, scale, cfg.penalty)  # [inst, d_sae]
-            if weights is not None and mcfg.weight_sparsity_by_prefix:
-                pen = pen * latent_weights(weights)
+            pen = _penalty(acts, scale, kinds)  # [inst, d_sae]
+            if weights is not None and mplan.sparsity_by_prefix.any():
+                by_prefix = mplan.sparsity_by_prefix[:, None]
+                scale_in = mplan.inner_grad_scale if mplan.routes_gradient else None
+                lw = latent_weights(weights, scale_in)
+                pen = pen * torch.where(by_prefix, lw, torch.ones_like(weights))
             sparsity = pen.sum(-1)
             loss_i = recon + ramp * coeff * sparsity
         else:
@@ -290,12 +394,23 @@ def train_sae(sae: SAE, data: DataSource, cfg: TrainConfig) -> History:
             l0 = (acts > 0).float().sum(-1).mean(0)  # [inst]
             if target is not None and step + 1 >= l1_warmup:
                 coeff = torch.where(l0 < target, coeff * (1 - cfg.l1_adapt_eps), coeff * (1 + cfg.l1_adapt_eps))
-            if mcfg is not None and mcfg.permute_latents:
+            if cfg.resample_dead_every is not None:
+                fired |= (acts > 0).any(dim=0)
+                if (step + 1) % cfg.resample_dead_every == 0 and step < cfg.steps // 2:
+                    err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
+                    _resample_dead(sae, opt, ~fired, x_in, err, g_resample)
+                    fired.zero_()
+            if mplan is not None and mplan.permute.any():
                 scaled_sq = (acts * sae.decoder_norms()).pow(2).mean(0)
-                sq_act_ema.mul_(mcfg.permute_ema).add_((1 - mcfg.permute_ema) * scaled_sq)
+                ema = permute_ema
+                sq_act_ema.mul_(ema).add_((1 - ema) * scaled_sq)
                 perm = sq_act_ema.argsort(dim=-1, descending=True, stable=True)
+                if not mplan.permute.all():  # instances that do not permute keep their order
+                    perm = torch.where(mplan.permute[:, None], perm, torch.arange(d_sae).expand_as(perm))
                 _permute_with_optimizer(sae, opt, perm)
                 sq_act_ema = sq_act_ema.gather(1, perm)
+            if callback is not None:
+                callback(step, sae)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 err = (x - x_hat).pow(2).sum(-1)
                 var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)

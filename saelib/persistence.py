@@ -1,0 +1,300 @@
+"""Saving and loading SAEs, in SAELens 6.x's on-disk layout, with atomic writes.
+
+A saved SAE is a folder holding::
+
+    sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out],
+                              b_dec [d_out] (+ threshold [d_sae] for BatchTopK), float32
+                              (d_out = d_in except for transcoders)
+    cfg.json                  SAELens 6.x config keys + saelib's own SAEConfig under "saelib"
+
+so that ``sae_lens.SAE.load_from_disk(folder)`` (tested against sae-lens 6.54.12) and
+:func:`load_sae` both read it. Architecture mapping (``apply_b_dec_to_input`` is copied, and
+SAELens computes ``ReLU((x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc)`` as saelib does):
+
+* saelib ``"relu"`` → SAELens ``"standard"`` (identical).
+* saelib ``"topk"`` → SAELens ``"topk"`` with the same ``k`` (identical, up to ties).
+* saelib ``"batchtopk"`` (inference mode) → SAELens ``"jumprelu"`` with every latent's threshold
+  equal to saelib's per-instance threshold ``t``. Exact, because saelib keeps
+  ``pre if pre > t else 0`` and SAELens keeps ``ReLU(pre) if pre > t else 0``, the same when
+  ``t >= 0`` (saelib's threshold is an average of non-negative activations). This is how SAELens
+  itself exports its BatchTopK SAEs.
+* transcoders (``d_out != d_in``): ``"relu"`` → ``"transcoder"``, ``"batchtopk"`` →
+  ``"jumprelu_transcoder"`` (with ``d_out``).
+
+Saved with a saelib-only architecture name (``"saelib_<architecture>"``), which :func:`load_sae`
+reads and SAELens refuses (a KeyError on the unknown architecture): a TopK transcoder (SAELens
+6.54 has no TopK transcoder), and a BatchTopK SAE with no threshold yet (never trained, NaN) or a
+negative one.
+
+Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so
+a failed write never leaves a half-written file behind. The weights are written first and
+``cfg.json`` records their SHA-256 (``metadata.saelib_weights_sha256``), so if a save is
+interrupted between the two files :func:`load_sae` reports the mismatch instead of mixing two
+saves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .sae import SAE, SAEConfig
+
+__all__ = ["save_sae", "load_sae", "atomic_write_bytes", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+CFG_FILENAME = "cfg.json"
+# SAELens release whose cfg.json layout this writes; loaders older than 6.0 treat a config
+# without a version as pre-6.0 and rewrite it, so the version must be present.
+SAELENS_FORMAT_VERSION = "6.54.12"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: the file is either the old one or the complete new
+    one, never a partial write.
+
+    Writes to a uniquely named ``.<name>.<random>.tmp`` file in the same folder (created if
+    missing), fsyncs it, then ``os.replace``-s it onto ``path``; on any failure the temporary file
+    is removed and the exception re-raised. File permissions follow the umask.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------- saving
+def save_sae(sae: SAE, path: str | Path, instance: int = 0) -> Path:
+    """Save instance ``instance`` of ``sae`` as a SAELens-layout folder at ``path``.
+
+    Writes ``sae_weights.safetensors`` (float32, on CPU) and ``cfg.json`` (see the module
+    docstring for the architecture mapping); saelib's ``SAEConfig`` (with ``n_inst=1``) is stored
+    under the ``"saelib"`` key so :func:`load_sae` restores the instance exactly, including the
+    BatchTopK threshold. The output is deterministic: saving the same SAE twice gives
+    byte-identical files. Returns the folder.
+
+    Raises TypeError if ``sae`` is not a :class:`saelib.sae.SAE`, IndexError if ``instance`` is
+    out of range.
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"save_sae expects a saelib.sae.SAE, got {type(sae).__name__}")
+    if not (0 <= instance < sae.n_inst):
+        raise IndexError(f"instance {instance} out of range for n_inst={sae.n_inst}")
+    cfg = sae.cfg
+    d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+    transcoder = d_out != d_in
+
+    def one(t: Tensor) -> Tensor:
+        return t[instance].detach().to("cpu", torch.float32).contiguous().clone()
+
+    tensors = {
+        "W_enc": one(sae.W_enc),  # [d_in, d_sae]
+        "b_enc": one(sae.b_enc),  # [d_sae]
+        "W_dec": one(sae.W_dec),  # [d_sae, d_out]
+        "b_dec": one(sae.b_dec),  # [d_out]
+    }
+    extra: dict[str, Any] = {"d_out": d_out} if transcoder else {}
+    if cfg.architecture == "relu":
+        architecture = "transcoder" if transcoder else "standard"
+    elif cfg.architecture == "topk":
+        architecture = "saelib_topk" if transcoder else "topk"
+        extra.update(k=cfg.k, rescale_acts_by_decoder_norm=False)
+    else:  # batchtopk
+        t = float(sae.threshold[instance])
+        exportable = math.isfinite(t) and t >= 0
+        if exportable:
+            architecture = "jumprelu_transcoder" if transcoder else "jumprelu"
+        else:
+            architecture = "saelib_batchtopk"
+        tensors["threshold"] = torch.full((d_sae,), t, dtype=torch.float32)
+
+    saelib_cfg = {**cfg.to_dict(), "n_inst": 1}
+    cfg_json = {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **extra,
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+            "saelib_instance": instance,
+        },
+        "saelib": saelib_cfg,
+    }
+    weights = st_save(tensors, metadata={"format": "pt"})
+    cfg_json["metadata"]["saelib_weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / WEIGHTS_FILENAME, weights)
+    text = json.dumps(cfg_json, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(folder / CFG_FILENAME, text.encode("utf-8"))
+    return folder
+
+
+# ---------------------------------------------------------------------------- loading
+def _read_cfg(cfg_path: Path) -> dict[str, Any]:
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"SAE config file {cfg_path} not found")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _saelib_config(cfg: dict[str, Any], cfg_path: Path) -> SAEConfig:
+    """saelib's SAEConfig from cfg.json: the "saelib" entry, else derived from SAELens keys."""
+    if "saelib" in cfg:
+        try:
+            sc = SAEConfig.from_dict(cfg["saelib"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: invalid 'saelib' config: {e}") from e
+        if sc.n_inst != 1:
+            raise ValueError(f"{cfg_path}: 'saelib' config must have n_inst=1, got {sc.n_inst}")
+        for key in ("d_in", "d_sae", "d_out", "apply_b_dec_to_input", "k"):
+            if key in cfg and cfg[key] != getattr(sc, key):
+                raise ValueError(
+                    f"{cfg_path}: {key}={cfg[key]!r} disagrees with the saelib config's "
+                    f"{key}={getattr(sc, key)!r}"
+                )
+        return sc
+    # A config written by SAELens itself: only architectures saelib computes identically.
+    arch = cfg.get("architecture")
+    unsupported = []
+    if cfg.get("normalize_activations", "none") != "none":
+        unsupported.append(f"normalize_activations={cfg.get('normalize_activations')!r}")
+    if cfg.get("reshape_activations", "none") != "none":
+        unsupported.append(f"reshape_activations={cfg.get('reshape_activations')!r}")
+    if cfg.get("rescale_acts_by_decoder_norm", False):
+        unsupported.append("rescale_acts_by_decoder_norm=True")
+    if arch not in ("standard", "topk", "transcoder"):
+        unsupported.append(f"architecture={arch!r}")
+    if unsupported:
+        raise ValueError(
+            f"{cfg_path} has no 'saelib' entry and cannot be loaded into saelib: "
+            f"unsupported {', '.join(unsupported)}"
+        )
+    try:
+        return SAEConfig(
+            d_in=cfg["d_in"],
+            d_sae=cfg["d_sae"],
+            d_out=cfg["d_out"] if arch == "transcoder" else None,
+            apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", arch != "transcoder")),
+            architecture="topk" if arch == "topk" else "relu",
+            k=cfg.get("k") if arch == "topk" else None,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: invalid SAELens config: {e}") from e
+
+
+def load_sae(path: str | Path) -> SAE:
+    """Load a single-instance SAE saved by :func:`save_sae` (or a SAELens ``standard``, ``topk`` or
+    ``transcoder`` saved by ``sae_lens``' ``save_model``), in eval mode, float32, on CPU.
+
+    Raises:
+        FileNotFoundError: the folder, ``cfg.json`` or ``sae_weights.safetensors`` is missing
+            (the message names the path).
+        ValueError: ``cfg.json`` is not valid JSON or not a valid config; the safetensors file is
+            corrupted or truncated, or does not match the SHA-256 recorded in ``cfg.json``; a
+            tensor is missing, unexpected, or its shape does not match ``cfg.json`` (the message
+            names the tensor, the expected and the found shape); a weight contains NaN/inf;
+            ``use_b_dec=False`` but ``b_dec`` is nonzero.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SAE folder {folder} not found (or not a directory)")
+    cfg_path = folder / CFG_FILENAME
+    cfg = _read_cfg(cfg_path)
+    sc = _saelib_config(cfg, cfg_path)
+
+    weights_path = folder / WEIGHTS_FILENAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"SAE weights file {weights_path} not found")
+    raw = weights_path.read_bytes()
+    metadata = cfg.get("metadata")
+    sha = metadata.get("saelib_weights_sha256") if isinstance(metadata, dict) else None
+    if sha is not None and hashlib.sha256(raw).hexdigest() != sha:
+        raise ValueError(
+            f"{weights_path} does not match the SHA-256 recorded in {cfg_path} "
+            f"(corrupted, or an interrupted save left files from two different saves)"
+        )
+    try:
+        tensors = st_load(raw)
+    except Exception as e:  # safetensors raises its own error types on corrupt headers/data
+        raise ValueError(f"{weights_path} is not a valid safetensors file (corrupted or truncated?): {e}") from e
+
+    d_in, d_sae, d_out = sc.d_in, sc.d_sae, sc.d_out
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if sc.architecture == "batchtopk":
+        expected["threshold"] = (d_sae,)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{weights_path} lacks tensor(s) {missing}")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise ValueError(f"{weights_path} has unexpected tensor(s) {extra} for architecture {sc.architecture!r}")
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"tensor {name!r} in {weights_path} has shape {tuple(t.shape)}, expected {shape} "
+                f"from {CFG_FILENAME} (d_in={d_in}, d_sae={d_sae}, d_out={d_out})"
+            )
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"tensor {name!r} in {weights_path} has non-float dtype {t.dtype}")
+        if name != "threshold" and not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"tensor {name!r} in {weights_path} has {n_bad} NaN/inf value(s)")
+
+    if not sc.use_b_dec and bool((tensors["b_dec"] != 0).any()):
+        raise ValueError(f"{cfg_path} says use_b_dec=False but b_dec in {weights_path} is nonzero")
+    threshold = None
+    if sc.architecture == "batchtopk":
+        thr = tensors["threshold"].float()
+        nan = torch.isnan(thr)
+        if not (nan.all() or (not nan.any() and bool((thr == thr[0]).all()))):
+            raise ValueError(
+                f"tensor 'threshold' in {weights_path} must hold one value for all latents "
+                f"(a saelib BatchTopK threshold), got values in [{thr.min()}, {thr.max()}]"
+            )
+        threshold = thr[:1]  # [inst=1]
+
+    sae = SAE(sc)
+    with torch.no_grad():
+        sae.W_enc.copy_(tensors["W_enc"][None])
+        sae.b_enc.copy_(tensors["b_enc"][None])
+        sae.W_dec.copy_(tensors["W_dec"][None])
+        sae.b_dec.copy_(tensors["b_dec"][None])
+        if threshold is not None:
+            sae.threshold.copy_(threshold)
+    return sae.eval()

@@ -1,0 +1,460 @@
+"""Polysemanticity checks on an SAE (or sparse MLP) trained on a real language model over real
+text (EXPERIMENTS.md part G; seeds 003 and 004): feature density, dead and dense latents, the
+contexts where a latent fires most and where it fires weakly (the bottom 10 % of its maximum),
+whether its activation depends on token position or it fires on nearly every token but BOS.
+
+Latent activations are passed as ``[n_seq, pos, d_sae]`` (or ``[n_seq, pos]`` for one latent)
+with the matching ``tokens [n_seq, pos]``; position 0 is BOS (see :mod:`saelib.corpus`).
+Contexts render as highlighted tokens, both as HTML (for notebooks) and as a matplotlib figure
+(for ``figures/``), from the same :class:`Context` objects.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from matplotlib.figure import Figure
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .sae import SAE
+
+__all__ = [
+    "Context",
+    "sequence_latents",
+    "LatentReport",
+    "examine_latents",
+    "reports_html",
+    "reports_table",
+    "plot_position_profiles",
+    "latent_density",
+    "dense_latents",
+    "top_contexts",
+    "bottom_contexts",
+    "position_profile",
+    "position_dependence",
+    "bos_profile",
+    "contexts_html",
+    "plot_density_histogram",
+    "plot_contexts",
+    "plot_latent_report",
+]
+
+Decoder = Callable[[Sequence[int]], list[str]]
+
+
+@dataclass
+class Context:
+    """A window of tokens around one firing of a latent.
+
+    Attributes:
+        seq, pos: where the latent fired (sequence index, token position).
+        act: its activation there.
+        tokens: the window's tokens as strings.
+        acts: the latent's activation on every window token.
+        center: index in ``tokens`` of the firing token.
+    """
+
+    seq: int
+    pos: int
+    act: float
+    tokens: list[str]
+    acts: list[float]
+    center: int
+
+
+def _check_single(latent_acts: Tensor, tokens: Tensor) -> None:
+    if latent_acts.ndim != 2 or latent_acts.shape != tokens.shape:
+        raise ValueError(
+            f"latent_acts and tokens must both be [n_seq, pos], got {tuple(latent_acts.shape)} and {tuple(tokens.shape)}"
+        )
+
+
+@torch.no_grad()
+def sequence_latents(
+    sae: "SAE", acts: Float[Tensor, "n_seq pos d_in"], scale: float = 1.0, instance: int = 0, batch_size: int = 8192
+) -> Float[Tensor, "n_seq pos d_sae"]:
+    """Latent activations of one SAE instance on every token of ``acts`` (BOS included),
+    encoding ``scale * acts`` in batches of ``batch_size`` tokens (``scale``: the normalisation
+    the SAE was trained with). Raises ValueError if ``acts`` is not 3-D or ``instance`` is out of
+    range."""
+    if acts.ndim != 3:
+        raise ValueError(f"acts must be [n_seq, pos, d_in], got shape {tuple(acts.shape)}")
+    if not (0 <= instance < sae.n_inst):
+        raise ValueError(f"instance {instance} out of range for n_inst={sae.n_inst}")
+    flat = acts.reshape(-1, acts.shape[-1])
+    out = torch.cat([sae.encode(scale * flat[i : i + batch_size])[:, instance] for i in range(0, len(flat), batch_size)])
+    return out.view(acts.shape[0], acts.shape[1], -1)
+
+
+def latent_density(acts: Float[Tensor, "n_seq pos d_sae"], drop_bos: bool = True) -> Float[Tensor, " d_sae"]:
+    """Feature density: fraction of tokens (BOS excluded when ``drop_bos``) where each latent is > 0."""
+    if acts.ndim != 3:
+        raise ValueError(f"acts must be [n_seq, pos, d_sae], got shape {tuple(acts.shape)}")
+    if drop_bos:
+        acts = acts[:, 1:]
+    return (acts > 0).float().mean(dim=(0, 1))
+
+
+def dense_latents(density: Float[Tensor, " d_sae"], threshold: float = 0.1) -> Int[Tensor, " n_dense"]:
+    """Indices of latents with density > ``threshold``, densest first (ties by index).
+
+    Raises ValueError if ``threshold`` is not in [0, 1).
+    """
+    if not (0.0 <= threshold < 1.0):
+        raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+    idx = (density > threshold).nonzero().flatten()
+    order = torch.argsort(-density[idx], stable=True)
+    return idx[order]
+
+
+def _context(latent_acts: Tensor, tokens: Tensor, decode: Decoder, seq: int, pos: int, window: tuple[int, int]) -> Context:
+    lo, hi = max(0, pos - window[0]), min(tokens.shape[1], pos + window[1] + 1)
+    return Context(
+        seq=seq,
+        pos=pos,
+        act=float(latent_acts[seq, pos]),
+        tokens=decode(tokens[seq, lo:hi].tolist()),
+        acts=[float(a) for a in latent_acts[seq, lo:hi]],
+        center=pos - lo,
+    )
+
+
+def top_contexts(
+    latent_acts: Float[Tensor, "n_seq pos"],
+    tokens: Int[Tensor, "n_seq pos"],
+    decode: Decoder,
+    k: int = 8,
+    window: tuple[int, int] = (12, 3),
+    skip_bos: bool = True,
+) -> list[Context]:
+    """The ``k`` firings with the largest activation (ties by position in the data), each with
+    ``window = (tokens before, tokens after)``. Fewer if the latent fires less than ``k`` times."""
+    _check_single(latent_acts, tokens)
+    a = latent_acts.clone()
+    if skip_bos:
+        a[:, 0] = 0
+    flat = a.flatten()
+    n = min(k, int((flat > 0).sum()))
+    idx = torch.argsort(-flat, stable=True)[:n]
+    return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window) for i in idx]
+
+
+def bottom_contexts(
+    latent_acts: Float[Tensor, "n_seq pos"],
+    tokens: Int[Tensor, "n_seq pos"],
+    decode: Decoder,
+    k: int = 8,
+    frac: float = 0.1,
+    window: tuple[int, int] = (12, 3),
+    skip_bos: bool = True,
+    seed: int = 0,
+) -> list[Context]:
+    """``k`` firings drawn uniformly (seeded) among those with ``0 < act <= frac * max act``,
+    sorted by activation, largest first. Empty if there are none.
+
+    Raises ValueError if ``frac`` is not in (0, 1].
+    """
+    _check_single(latent_acts, tokens)
+    if not (0.0 < frac <= 1.0):
+        raise ValueError(f"frac must be in (0, 1], got {frac!r}")
+    a = latent_acts.clone()
+    if skip_bos:
+        a[:, 0] = 0
+    flat = a.flatten()
+    top = float(flat.max())
+    if top <= 0:
+        return []
+    cand = ((flat > 0) & (flat <= frac * top)).nonzero().flatten()
+    g = torch.Generator().manual_seed(seed)
+    pick = cand[torch.randperm(len(cand), generator=g)[:k]]
+    pick = pick[torch.argsort(-flat[pick], stable=True)]
+    return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window) for i in pick]
+
+
+def position_profile(latent_acts: Float[Tensor, "n_seq pos"]) -> dict[str, Float[Tensor, " pos"]]:
+    """Per position: ``"mean"`` activation, ``"freq"`` firing frequency, ``"q90"`` 90th percentile."""
+    if latent_acts.ndim != 2:
+        raise ValueError(f"latent_acts must be [n_seq, pos], got {tuple(latent_acts.shape)}")
+    return {
+        "mean": latent_acts.mean(0),
+        "freq": (latent_acts > 0).float().mean(0),
+        "q90": latent_acts.quantile(0.9, dim=0),
+    }
+
+
+def position_dependence(latent_acts: Float[Tensor, "n_seq pos"], skip_bos: bool = True) -> float:
+    """Fraction of the activation's variance explained by token position (the correlation ratio
+    eta², between-position variance of the per-position means over the total variance), BOS
+    excluded when ``skip_bos``: 0 = position-independent, 1 = a function of position alone.
+    Returns 0 for a latent that never varies."""
+    a = latent_acts[:, 1:] if skip_bos else latent_acts
+    a = a.double()
+    total = a.var(unbiased=False)
+    if total <= 0:
+        return 0.0
+    between = a.mean(0).var(unbiased=False)  # equal counts per position
+    return float(between / total)
+
+
+def bos_profile(latent_acts: Float[Tensor, "n_seq pos"]) -> dict[str, float]:
+    """Firing frequency at BOS (position 0) and on all other tokens: a latent that fires on
+    nearly every token but BOS has ``"non_bos"`` near 1 and ``"bos"`` near 0."""
+    return {
+        "bos": float((latent_acts[:, 0] > 0).float().mean()),
+        "non_bos": float((latent_acts[:, 1:] > 0).float().mean()),
+    }
+
+
+@dataclass
+class LatentReport:
+    """What :func:`examine_latents` found about one latent.
+
+    Attributes:
+        latent: latent index.
+        density: firing frequency on non-BOS tokens.
+        bos_freq: firing frequency at BOS (position 0).
+        position_eta2: fraction of the activation variance explained by position.
+        max_act: largest non-BOS activation.
+        top: top-activating contexts.
+        bottom: contexts from the bottom ``frac`` of ``max_act``.
+        top_tokens: the most common firing tokens among the top 50 activations, with counts
+            (ties in the order of their largest activation).
+    """
+
+    latent: int
+    density: float
+    bos_freq: float
+    position_eta2: float
+    max_act: float
+    top: list[Context]
+    bottom: list[Context]
+    top_tokens: list[tuple[str, int]]
+
+
+def examine_latents(
+    acts: Float[Tensor, "n_seq pos d_sae"],
+    tokens: Int[Tensor, "n_seq pos"],
+    decode: Decoder,
+    latents: Sequence[int],
+    k: int = 8,
+    frac: float = 0.1,
+    seed: int = 0,
+) -> list[LatentReport]:
+    """A :class:`LatentReport` for each of ``latents`` (e.g. every dense latent).
+
+    Raises ValueError if ``acts`` and ``tokens`` disagree in shape or a latent is out of range.
+    """
+    if acts.ndim != 3 or acts.shape[:2] != tokens.shape:
+        raise ValueError(f"acts must be [n_seq, pos, d_sae] matching tokens {tuple(tokens.shape)}, got {tuple(acts.shape)}")
+    out = []
+    for j in latents:
+        if not (0 <= int(j) < acts.shape[2]):
+            raise ValueError(f"latent {j} out of range for d_sae={acts.shape[2]}")
+        a = acts[:, :, int(j)]
+        bos = bos_profile(a)
+        flat = a[:, 1:].flatten()
+        top_idx = torch.argsort(-flat, stable=True)[: min(50, int((flat > 0).sum()))]
+        top_ids = tokens[:, 1:].flatten()[top_idx].tolist()
+        counts: dict[int, int] = {}
+        for t in top_ids:
+            counts[t] = counts.get(t, 0) + 1
+        common = sorted(counts.items(), key=lambda kv: -kv[1])[:5]  # stable: ties keep activation order
+        out.append(
+            LatentReport(
+                latent=int(j),
+                density=bos["non_bos"],
+                bos_freq=bos["bos"],
+                position_eta2=position_dependence(a),
+                max_act=float(flat.max()) if flat.numel() else 0.0,
+                top=top_contexts(a, tokens, decode, k=k),
+                bottom=bottom_contexts(a, tokens, decode, k=k, frac=frac, seed=seed),
+                top_tokens=[(decode([t])[0], c) for t, c in common],
+            )
+        )
+    return out
+
+
+def reports_table(reports: Sequence[LatentReport]) -> str:
+    """A Markdown table: one row per latent with density, BOS firing, position dependence and
+    the most common tokens among its top activations."""
+    lines = [
+        "| latent | density | fires at BOS | position eta² | max act | most common top tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        toks = ", ".join(f"`{_show(t).strip() or repr(t)}`×{c}" for t, c in r.top_tokens)
+        lines.append(
+            f"| {r.latent} | {r.density:.3f} | {r.bos_freq:.0%} | {r.position_eta2:.2f} | {r.max_act:.2f} | {toks} |"
+        )
+    return "\n".join(lines)
+
+
+def reports_html(reports: Sequence[LatentReport], frac: float = 0.1) -> str:
+    """HTML with, for every report, its top contexts and its bottom-``frac`` contexts on one
+    colour scale (the latent's maximum activation)."""
+    parts = []
+    for r in reports:
+        head = f"latent {r.latent}: density {r.density:.3f}, position eta² {r.position_eta2:.2f}"
+        parts.append(contexts_html(r.top, title=f"{head} · top activations", max_act=r.max_act))
+        parts.append(contexts_html(r.bottom, title=f"bottom {frac:.0%} of max ({r.max_act:.2f})", max_act=r.max_act))
+        parts.append("<hr>")
+    return "\n".join(parts)
+
+
+def plot_position_profiles(
+    acts: Float[Tensor, "n_seq pos d_sae"], latents: Sequence[int], n_cols: int = 4
+) -> Figure:
+    """Small multiples, one per latent: mean activation (and firing frequency, right axis)
+    against token position, position 0 being BOS."""
+    n = max(1, len(latents))
+    n_rows = (n + n_cols - 1) // n_cols
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.2 * n_rows), squeeze=False)
+    pos = np.arange(acts.shape[1])
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, j in zip(axes.flat, latents):
+        ax.set_visible(True)
+        prof = position_profile(acts[:, :, int(j)])
+        ax.plot(pos, prof["mean"].numpy(), color="C3", lw=1)
+        ax.set_title(f"latent {int(j)} (eta²={position_dependence(acts[:, :, int(j)]):.2f})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax2 = ax.twinx()
+        ax2.plot(pos, prof["freq"].numpy(), color="C0", lw=0.8, alpha=0.7)
+        ax2.set_ylim(0, 1.05)
+        ax2.tick_params(labelsize=7, colors="C0")
+    for ax in axes[-1]:
+        ax.set_xlabel("position (0 = BOS)", fontsize=8)
+    fig.suptitle("mean activation (red) and firing frequency (blue, right axis) against position", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- rendering
+def _show(tok: str) -> str:
+    return tok.replace("\n", "\u21b5").replace("\t", "\u21e5")
+
+
+def contexts_html(contexts: Sequence[Context], title: str = "", max_act: float | None = None) -> str:
+    """HTML: one line per context, each token's background red with opacity ``act / max_act``
+    (``max_act`` defaults to the largest activation in ``contexts``), the firing token
+    underlined, and the activation in a hover title."""
+    top = max_act if max_act is not None else max((max(c.acts) for c in contexts), default=0.0)
+    top = top if top > 0 else 1.0
+    rows = [f"<div><b>{html.escape(title)}</b></div>"] if title else []
+    for c in contexts:
+        spans = []
+        for j, (tok, a) in enumerate(zip(c.tokens, c.acts)):
+            alpha = max(0.0, min(1.0, a / top))
+            style = f"background-color: rgba(220,40,40,{alpha:.2f});"
+            if j == c.center:
+                style += " text-decoration: underline; font-weight: bold;"
+            spans.append(f'<span style="{style}" title="{a:.3f}">{html.escape(_show(tok))}</span>')
+        rows.append(
+            f'<div style="font-family: monospace; white-space: pre;">{c.act:7.3f} | ' + "".join(spans) + "</div>"
+        )
+    return "\n".join(rows)
+
+
+def plot_density_histogram(
+    densities: dict[str, Float[Tensor, " d_sae"]], dense_threshold: float = 0.1, bins: int = 50
+) -> Figure:
+    """Histogram of log10 feature density, one curve per SAE, with dead latents (density 0)
+    counted in the legend and the dense threshold marked."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    finite = [d[d > 0] for d in densities.values()]
+    low = min([float(d.min()) for d in finite if d.numel()], default=1e-6)
+    edges = np.linspace(np.floor(np.log10(low)), 0, bins + 1)
+    for (name, d), live in zip(densities.items(), finite):
+        n_dead = int((d == 0).sum())
+        n_dense = int((d > dense_threshold).sum())
+        ax.hist(
+            np.log10(live.cpu().numpy()), bins=edges, histtype="step", lw=1.5,
+            label=f"{name} (dead {n_dead}, dense {n_dense})",
+        )
+    ax.axvline(np.log10(dense_threshold), color="grey", ls="--", lw=1)
+    ax.set_xlabel("log10 feature density (fraction of tokens)")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_contexts(ax: plt.Axes, contexts: Sequence[Context], title: str, max_act: float, width: int) -> None:
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9, loc="left")
+    n = max(1, len(contexts))
+    ax.set_xlim(0, width)
+    ax.set_ylim(n, 0)
+    cmap = plt.get_cmap("Reds")
+    for row, c in enumerate(contexts):
+        ax.text(0, row + 0.5, f"{c.act:6.2f}", family="monospace", fontsize=7, va="center")
+        x = 8.0
+        for j, (tok, a) in enumerate(zip(c.tokens, c.acts)):
+            s = _show(tok).replace("$", r"\$")
+            colour = cmap(0.85 * max(0.0, min(1.0, a / max_act))) if a > 0 else (1, 1, 1, 0)
+            ax.text(
+                x, row + 0.5, s, family="monospace", fontsize=7, va="center",
+                fontweight="bold" if j == c.center else "normal",
+                bbox=dict(boxstyle="square,pad=0.1", fc=colour, ec="none"),
+            )
+            x += max(1, len(_show(tok)))
+            if x > width - 2:
+                break
+    if not contexts:
+        ax.text(0, 0.5, "(none)", fontsize=8, va="center")
+
+
+def plot_contexts(contexts: Sequence[Context], title: str = "", width: int = 110) -> Figure:
+    """The contexts as highlighted tokens (red, opacity ∝ activation) in a matplotlib figure."""
+    top = max((max(c.acts) for c in contexts), default=1.0) or 1.0
+    fig, ax = plt.subplots(figsize=(11, 0.3 * max(1, len(contexts)) + 0.5))
+    _draw_contexts(ax, contexts, title, top, width)
+    return fig
+
+
+def plot_latent_report(
+    latent_acts: Float[Tensor, "n_seq pos"],
+    tokens: Int[Tensor, "n_seq pos"],
+    decode: Decoder,
+    title: str = "",
+    k: int = 8,
+    frac: float = 0.1,
+    seed: int = 0,
+) -> Figure:
+    """One latent at a glance: top contexts, contexts from the bottom ``frac`` of its maximum
+    activation (shared colour scale), and mean activation / firing frequency against position."""
+    top = top_contexts(latent_acts, tokens, decode, k=k)
+    bottom = bottom_contexts(latent_acts, tokens, decode, k=k, frac=frac, seed=seed)
+    prof = position_profile(latent_acts)
+    bos = bos_profile(latent_acts)
+    max_act = max(float(latent_acts[:, 1:].max()), 1e-8)
+    fig = plt.figure(figsize=(12, 0.32 * (len(top) + len(bottom)) + 3.6))
+    gs = fig.add_gridspec(3, 1, height_ratios=[max(1, len(top)), max(1, len(bottom)), 7.0])
+    _draw_contexts(fig.add_subplot(gs[0]), top, f"{title}  top activations", max_act, 110)
+    _draw_contexts(fig.add_subplot(gs[1]), bottom, f"bottom {frac:.0%} of max ({max_act:.2f})", max_act, 110)
+    ax = fig.add_subplot(gs[2])
+    pos = np.arange(latent_acts.shape[1])
+    ax.plot(pos, prof["mean"].numpy(), color="C3", label="mean activation")
+    ax.plot(pos, prof["q90"].numpy(), color="C3", ls=":", label="90th percentile")
+    ax.set_xlabel("token position (0 = BOS)")
+    ax.set_ylabel("activation")
+    ax2 = ax.twinx()
+    ax2.plot(pos, prof["freq"].numpy(), color="C0", label="firing frequency")
+    ax2.set_ylim(0, 1.05)
+    ax2.set_ylabel("firing frequency", color="C0")
+    ax.set_title(
+        f"position dependence eta²={position_dependence(latent_acts):.2f}; fires on BOS {bos['bos']:.0%}, "
+        f"on other tokens {bos['non_bos']:.0%}",
+        fontsize=9,
+    )
+    ax.legend(loc="upper left", fontsize=7)
+    ax2.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    return fig

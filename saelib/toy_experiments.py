@@ -1,0 +1,125 @@
+"""Ready-made toy experiments: a vanilla and a Matryoshka SAE trained side by side on a hierarchy.
+
+Used by notebook 01 (and its retraining widget) so that the notebook only configures and plots.
+Source of the setup: Nabeshima 2024, "Matryoshka Sparse Autoencoders" (LessWrong) and its repo
+noanabeshima/matryoshka-saes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from matplotlib.figure import Figure
+
+from .absorption import instance_summary
+from .matryoshka import MatryoshkaConfig
+from .plotting import sae_feature_heatmaps
+from .sae import SAE, SAEConfig
+from .toy_data import ToyHierarchy
+from .train import History, TrainConfig, train_sae
+
+__all__ = ["ToyComparison", "instance_summary", "compare_vanilla_matryoshka", "NarrowSweep", "narrow_sae_sweep"]
+
+
+@dataclass
+class ToyComparison:
+    """A vanilla and a Matryoshka SAE (``n_inst`` seeds each) trained on the same data."""
+
+    hierarchy: ToyHierarchy
+    saes: dict[str, SAE]
+    histories: dict[str, History]
+
+    def summary(self, method: str) -> list[dict[str, float]]:
+        return instance_summary(self.saes[method], self.hierarchy)
+
+    def figure(self, method: str, instance: int = 0) -> Figure:
+        """Encoder / decoder / b_dec heatmaps of one trained SAE against the true features."""
+        sae, h = self.saes[method], self.hierarchy
+        return sae_feature_heatmaps(
+            sae.W_enc[instance].detach(), sae.W_dec[instance].detach(), sae.b_dec[instance].detach(),
+            h.features, feature_names=h.names, blocks=h.blocks(), title=f"{method} SAE, seed {instance}",
+        )
+
+
+def compare_vanilla_matryoshka(
+    hierarchy: ToyHierarchy,
+    train_cfg: TrainConfig,
+    matryoshka_cfg: MatryoshkaConfig,
+    n_inst: int = 8,
+    d_sae: int | None = None,
+    seed: int = 0,
+) -> ToyComparison:
+    """Train ``n_inst`` vanilla and ``n_inst`` Matryoshka ReLU SAEs (same initialisations, same
+    data stream) with ``d_sae`` latents (default: one per true feature)."""
+    cfg = SAEConfig(d_in=hierarchy.d, d_sae=d_sae or hierarchy.n_features, n_inst=n_inst, seed=seed)
+
+    def data(batch: int, g: torch.Generator) -> torch.Tensor:
+        return hierarchy.sample(batch, g)[0]
+
+    saes, hists = {}, {}
+    for method, mcfg in (("vanilla", None), ("matryoshka", matryoshka_cfg)):
+        saes[method] = SAE(cfg)
+        hists[method] = train_sae(saes[method], data, replace(train_cfg, matryoshka=mcfg))
+    return ToyComparison(hierarchy, saes, hists)
+
+
+@dataclass
+class NarrowSweep:
+    """Result of :func:`narrow_sae_sweep`: trained vs closed-form single-latent SAEs.
+
+    ``child_cos`` / ``parent_cos`` are ``[n_q, n_l1]``: the trained decoder's cosine with the
+    children (mean over children) and with the parent; ``predicted`` is ``[n_q]``, the closed-form
+    child cosine of :func:`saelib.hedging.hedged_child_cosine`; ``mse`` is ``[n_q, n_l1]``, the
+    trained SAE's reconstruction MSE on a fresh sample.
+    """
+
+    q_values: list[float]
+    l1_values: list[float]
+    child_cos: torch.Tensor
+    parent_cos: torch.Tensor
+    predicted: torch.Tensor
+    mse: torch.Tensor
+
+
+def narrow_sae_sweep(
+    q_values: list[float],
+    l1_values: list[float],
+    p_parent: float = 0.25,
+    n_children: int = 2,
+    exclusive: bool = True,
+    steps: int = 5_000,
+    batch_size: int = 500,
+    lr: float = 1e-2,
+    seed: int = 0,
+    n_eval: int = 20_000,
+) -> NarrowSweep:
+    """Train one bias-free 1-latent ReLU SAE per (child probability, L1 coefficient) pair, all at
+    once along the instance dimension, on Chanin's parent/children hierarchy, and compare each
+    decoder with the closed-form hedged direction (Chanin et al. 2025, arXiv 2505.11756).
+    Dead latents are resampled during the first half of training (a 1-latent SAE starts dead on
+    about 1 seed in 8)."""
+    from .hedging import hedged_child_cosine
+    from .toy_data import chanin_parent_children, stacked_sampler
+
+    trees = [
+        chanin_parent_children(p_parent=p_parent, p_child=q, n_children=n_children, exclusive=exclusive, seed=seed)
+        for q in q_values for _ in l1_values
+    ]
+    coeffs = [l1 for _ in q_values for l1 in l1_values]
+    sae = SAE(SAEConfig(d_in=trees[0].d, d_sae=1, n_inst=len(trees), use_b_dec=False, seed=seed))
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coeff=coeffs, l1_warmup_frac=0.0,
+                      resample_dead_every=200, seed=seed, progress=False)
+    train_sae(sae, stacked_sampler(trees), cfg)
+    with torch.no_grad():
+        w = sae.W_dec[:, 0] / sae.W_dec[:, 0].norm(dim=-1, keepdim=True)  # [inst, d]
+        cos = torch.stack([t.features / t.features.norm(dim=-1, keepdim=True) @ w[i] for i, t in enumerate(trees)])
+        x = stacked_sampler(trees)(n_eval, torch.Generator().manual_seed(seed + 1))
+        mse = (sae(x)[0] - x).pow(2).sum(-1).mean(0)
+    shape = (len(q_values), len(l1_values))
+    return NarrowSweep(
+        q_values=list(q_values), l1_values=list(l1_values),
+        child_cos=cos[:, 1:].mean(-1).reshape(shape), parent_cos=cos[:, 0].reshape(shape),
+        predicted=torch.tensor([hedged_child_cosine(q, n_children, exclusive) for q in q_values]),
+        mse=mse.reshape(shape),
+    )

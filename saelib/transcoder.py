@@ -1,0 +1,582 @@
+"""Sparse MLPs (transcoders) that replace a transformer's MLP layer: training over a sweep of
+sparsity penalties, splicing them into the model to measure loss recovered, and comparing their
+neurons with the original MLP's.
+
+A sparse MLP for layer ``l`` reads the MLP's input (``blocks.l.hook_resid_mid`` in a model
+without normalisation, else ``blocks.l.ln2.hook_normalized``) and predicts the MLP's output
+(``blocks.l.hook_mlp_out``) through ``d_sae`` ReLU latents: a :class:`saelib.sae.SAE` with
+``d_out`` set and ``apply_b_dec_to_input=False`` (Dunefsky et al. 2024, arXiv 2406.11944;
+Nabeshima's sparse MLPs, seed 004 / EXPERIMENTS.md part F).
+
+**Penalty and normalisation.** Nabeshima's objective is MSE plus ``2**S`` times the mean latent
+activation per token. Here, before training, inputs and targets are each multiplied by a fixed
+scalar so that their mean squared norm over the training tokens equals ``d_model`` (one unit of
+variance per dimension; :func:`normalisation_scale`). The objective per instance is then::
+
+    mean_tokens ||y - y_hat||² / d_model  +  2**S * mean_tokens mean_j (a_j * ||W_dec[j]||)
+
+i.e. per-element MSE plus ``2**S`` times the mean over latents of the decoder-norm-weighted
+activation (weighting by the decoder norm stops the optimiser from shrinking activations while
+growing decoder rows; with unit-norm decoder rows it is the plain mean activation). In
+:func:`saelib.train.train_sae` units (squared error summed over ``d_model``, penalty summed over
+latents) that is ``l1_coeff = d_model * 2**S / d_sae``. After training the two scalars are
+folded into the weights (:func:`fold_scales`), so a trained sparse MLP maps raw MLP inputs to
+raw MLP outputs and latent activations are unchanged.
+
+**Loss recovered** (:func:`spliced_losses`), on held-out sequences, with the MLP output of one
+layer replaced at every position except BOS (position 0) by, in turn, zeros, its mean over the
+training tokens, and each sparse MLP's output::
+
+    loss recovered      = 1 - (L_sparse - L_orig) / (L_zero - L_orig)
+    loss recovered (mean ablation) = 1 - (L_sparse - L_orig) / (L_mean - L_orig)
+
+Averaging order: each ``L`` is the mean next-token cross-entropy over every predicted token of
+the held-out set (positions 1..pos-1 of every sequence, all tokens weighted equally); the ratio is
+taken of these means (not a mean of per-batch or per-sequence ratios). The KL column is
+``mean_tokens KL(p_orig || p_spliced)`` in nats over the same predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from matplotlib.figure import Figure
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer, utils
+
+from .lm import collect_activations, flatten_tokens
+from .metrics import cosine_matrix
+from .sae import SAE, SAEConfig
+from .train import History, TrainConfig, train_sae
+
+__all__ = [
+    "NABESHIMA_LOSS_ORIG",
+    "NABESHIMA_LOSS_ZERO",
+    "NABESHIMA_LOSS_SPARSE_S6",
+    "NABESHIMA_RECOVERED_S6",
+    "ANTHROPIC_A1_RECOVERED",
+    "SparseMLPConfig",
+    "SparseMLP",
+    "LossRecovered",
+    "mlp_hook_names",
+    "normalisation_scale",
+    "penalty_coefficients",
+    "fold_scales",
+    "train_sparse_mlps",
+    "loss_recovered",
+    "spliced_losses",
+    "neuron_cosines",
+    "max_neuron_cosines",
+    "SparseMLPSweep",
+    "sparse_mlp_sweep",
+    "loss_recovered_table",
+    "loss_recovered_overview",
+    "plot_loss_recovered",
+    "plot_neuron_cosines",
+]
+
+# Published numbers (seed 004, EXPERIMENTS.md part F): 4-layer ReLU TinyStories model, 20K sparse
+# neurons per layer, S = 6; and Anthropic's A/1 autoencoder (Towards Monosemanticity, 2023).
+NABESHIMA_LOSS_ORIG = 1.128
+NABESHIMA_LOSS_ZERO = (3.72, 1.84, 1.56, 2.07)
+NABESHIMA_LOSS_SPARSE_S6 = (1.24, 1.18, 1.21, 1.26)
+NABESHIMA_RECOVERED_S6 = (0.96, 0.93, 0.81, 0.86)
+ANTHROPIC_A1_RECOVERED = 0.79
+
+
+@dataclass
+class SparseMLPConfig:
+    """Sparse-MLP sweep settings (one :class:`SAE` instance per penalty exponent ``S``).
+
+    Attributes:
+        S_values: penalty exponents; the penalty is ``2**S`` on the mean latent activation per
+            token (see the module docstring for the normalisation).
+        d_sae: sparse neurons per sparse MLP.
+        steps: Adam steps.
+        batch_size: tokens per step.
+        lr: peak Adam learning rate (warm-up, then constant, then linear decay to 10 %).
+        betas: Adam betas.
+        warmup_steps: learning-rate warm-up steps.
+        l1_warmup_frac: fraction of the steps over which the penalty ramps up from 0.
+        decay_frac: final fraction of the steps with a decaying learning rate.
+        seed: seed of the initialisation and of the token sampling.
+        progress: show progress bars.
+    """
+
+    S_values: tuple[float, ...] = (-2.0, 0.0, 2.0, 4.0)
+    d_sae: int = 2048
+    steps: int = 1500
+    batch_size: int = 512
+    lr: float = 2e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    l1_warmup_frac: float = 0.1
+    decay_frac: float = 0.3
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.S_values = tuple(float(s) for s in self.S_values)
+        if not self.S_values:
+            raise ValueError("SparseMLPConfig.S_values must not be empty")
+        if not all(math.isfinite(s) for s in self.S_values):
+            raise ValueError(f"SparseMLPConfig.S_values must be finite, got {self.S_values}")
+
+
+@dataclass
+class SparseMLP:
+    """Trained sparse MLPs for one layer, one :class:`SAE` instance per ``S`` (weights in model
+    units: they read the raw MLP input and write the raw MLP output)."""
+
+    sae: SAE
+    layer: int
+    S_values: tuple[float, ...]
+    in_hook: str
+    out_hook: str
+    in_scale: float = 1.0
+    out_scale: float = 1.0
+    history: History | None = field(default=None, repr=False)
+
+    @torch.no_grad()
+    def __call__(self, mlp_in: Float[Tensor, "... d_model"]) -> Float[Tensor, "... inst d_model"]:
+        """Predicted MLP output of every instance."""
+        lead = mlp_in.shape[:-1]
+        out, _ = self.sae(mlp_in.reshape(-1, mlp_in.shape[-1]))  # [n, inst, d_model]
+        return out.reshape(*lead, self.sae.n_inst, self.sae.d_out)
+
+    @torch.no_grad()
+    def latents(self, mlp_in: Float[Tensor, "... d_model"]) -> Float[Tensor, "... inst d_sae"]:
+        """Sparse-neuron activations of every instance."""
+        lead = mlp_in.shape[:-1]
+        acts = self.sae.encode(mlp_in.reshape(-1, mlp_in.shape[-1]))
+        return acts.reshape(*lead, self.sae.n_inst, self.sae.d_sae)
+
+
+def mlp_hook_names(model: HookedTransformer, layer: int) -> tuple[str, str]:
+    """``(input hook, output hook)`` of layer ``layer``'s MLP: the residual stream after
+    attention (no normalisation) or ``ln2``'s normalised output, and ``hook_mlp_out``.
+
+    Raises ValueError if ``layer`` is not a layer of the model.
+    """
+    if not (0 <= layer < model.cfg.n_layers):
+        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
+    if model.cfg.normalization_type is None:
+        in_hook = utils.get_act_name("resid_mid", layer)
+    else:
+        in_hook = utils.get_act_name("normalized", layer, "ln2")
+    return in_hook, utils.get_act_name("mlp_out", layer)
+
+
+def normalisation_scale(x: Float[Tensor, "n d"]) -> float:
+    """The scalar ``c`` with ``mean_n ||c x||² = d``. Raises ValueError if ``x`` is all zeros."""
+    ms = float(x.double().pow(2).sum(-1).mean())
+    if not ms > 0:
+        raise ValueError(f"activations have mean squared norm {ms}: cannot normalise")
+    return math.sqrt(x.shape[-1] / ms)
+
+
+def penalty_coefficients(S_values: Sequence[float], d_model: int, d_sae: int) -> list[float]:
+    """``l1_coeff`` per instance for :func:`saelib.train.train_sae`: ``d_model * 2**S / d_sae``
+    (see the module docstring)."""
+    return [d_model * 2.0**s / d_sae for s in S_values]
+
+
+@torch.no_grad()
+def fold_scales(sae: SAE, in_scale: float, out_scale: float) -> None:
+    """Fold input/output normalisation into the weights in place: an SAE trained on
+    ``(in_scale * x, out_scale * y)`` becomes one that maps ``x`` to ``y`` with the same latent
+    activations. Raises ValueError for ``apply_b_dec_to_input=True`` (an SAE, not a transcoder)
+    or non-positive scales."""
+    if sae.cfg.apply_b_dec_to_input:
+        raise ValueError("fold_scales needs a transcoder (apply_b_dec_to_input=False)")
+    if not (in_scale > 0 and out_scale > 0):
+        raise ValueError(f"scales must be > 0, got in_scale={in_scale}, out_scale={out_scale}")
+    sae.W_enc.mul_(in_scale)
+    sae.W_dec.div_(out_scale)
+    sae.b_dec.div_(out_scale)
+
+
+def train_sparse_mlps(
+    mlp_in: Float[Tensor, "n_tok d_model"],
+    mlp_out: Float[Tensor, "n_tok d_model"],
+    cfg: SparseMLPConfig,
+    layer: int = 0,
+    hooks: tuple[str, str] = ("", ""),
+) -> SparseMLP:
+    """Train one sparse MLP per ``S`` in ``cfg.S_values`` (as instances of one SAE) to map
+    ``mlp_in`` to ``mlp_out`` (stored activations, BOS excluded; see the module docstring for the
+    objective), and fold the normalisation into the weights.
+
+    Raises ValueError if the two tensors differ in length or are not 2-D, and
+    :class:`saelib.train.TrainingDivergedError` if training diverges.
+    """
+    if mlp_in.ndim != 2 or mlp_out.ndim != 2 or len(mlp_in) != len(mlp_out):
+        raise ValueError(f"mlp_in and mlp_out must be [n_tok, d] with equal n_tok, got {tuple(mlp_in.shape)}, {tuple(mlp_out.shape)}")
+    d_model_in, d_model_out = mlp_in.shape[1], mlp_out.shape[1]
+    in_scale, out_scale = normalisation_scale(mlp_in), normalisation_scale(mlp_out)
+    sae_cfg = SAEConfig(
+        d_in=d_model_in,
+        d_sae=cfg.d_sae,
+        d_out=d_model_out,
+        n_inst=len(cfg.S_values),
+        apply_b_dec_to_input=False,
+        architecture="relu",
+        seed=cfg.seed,
+    )
+    sae = SAE(sae_cfg)
+    train_cfg = TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        warmup_steps=cfg.warmup_steps,
+        decay_frac=cfg.decay_frac,
+        l1_coeff=penalty_coefficients(cfg.S_values, d_model_out, cfg.d_sae),
+        l1_warmup_frac=cfg.l1_warmup_frac,
+        penalty="l1",
+        scale_penalty_by_decoder_norm=True,
+        log_every=max(1, cfg.steps // 20),
+        seed=cfg.seed,
+        progress=cfg.progress,
+    )
+    history = train_sae(sae, (mlp_in * in_scale, mlp_out * out_scale), train_cfg)
+    fold_scales(sae, in_scale, out_scale)
+    return SparseMLP(sae, layer, cfg.S_values, hooks[0], hooks[1], in_scale, out_scale, history)
+
+
+# ---------------------------------------------------------------------------------------- loss recovered
+def loss_recovered(loss_spliced: float | Tensor, loss_orig: float, loss_ablated: float) -> float | Tensor:
+    """``1 - (L_spliced - L_orig) / (L_ablated - L_orig)``: 1 when splicing costs nothing, 0 when
+    it is as bad as the ablation. Raises ValueError if ``L_ablated <= L_orig`` (undefined)."""
+    if not loss_ablated > loss_orig:
+        raise ValueError(f"loss recovered needs L_ablated > L_orig, got {loss_ablated} <= {loss_orig}")
+    return 1 - (loss_spliced - loss_orig) / (loss_ablated - loss_orig)
+
+
+@dataclass
+class LossRecovered:
+    """Spliced losses for one layer (nats per predicted token, held-out text).
+
+    ``loss_sparse`` and ``kl_sparse`` hold one value per ``S``; ``kl_*`` is the mean
+    ``KL(p_orig || p_spliced)``; ``l0`` is each instance's mean number of active sparse neurons
+    per spliced held-out token."""
+
+    layer: int
+    S_values: tuple[float, ...]
+    loss_orig: float
+    loss_zero: float
+    loss_mean: float
+    loss_sparse: list[float]
+    kl_zero: float
+    kl_mean: float
+    kl_sparse: list[float]
+    l0: list[float]
+    n_tokens: int
+
+    @property
+    def recovered(self) -> list[float]:
+        """Loss recovered against zero-ablation, per ``S``."""
+        return [float(loss_recovered(s, self.loss_orig, self.loss_zero)) for s in self.loss_sparse]
+
+    @property
+    def recovered_vs_mean(self) -> list[float]:
+        """Loss recovered against mean-ablation, per ``S``."""
+        return [float(loss_recovered(s, self.loss_orig, self.loss_mean)) for s in self.loss_sparse]
+
+
+def _ce_and_kl(
+    logits: Float[Tensor, "b pos vocab"], ref_logprobs: Float[Tensor, "b pos vocab"] | None, tokens: Int[Tensor, "b pos"]
+) -> tuple[float, float, Float[Tensor, "b pos vocab"]]:
+    """Summed next-token cross-entropy and summed KL(ref || this) over the predicted tokens
+    (float32 per token, float64 sums), and the log-probabilities."""
+    logprobs = logits[:, :-1].float().log_softmax(-1)  # [b, pos-1, vocab] predictions of tokens 1..
+    ce = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]  # [b, pos-1]
+    kl = 0.0
+    if ref_logprobs is not None:
+        kl_tok = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)  # [b, pos-1]
+        kl = float(kl_tok.double().sum())
+    return float(ce.double().sum()), kl, logprobs
+
+
+@torch.no_grad()
+def spliced_losses(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "n_seq pos"],
+    sparse_mlp: SparseMLP,
+    mean_mlp_out: Float[Tensor, " d_model"],
+    batch_size: int = 32,
+    skip_bos: bool = True,
+    progress: bool = True,
+) -> LossRecovered:
+    """Original, zero-ablated, mean-ablated and sparse-MLP-spliced losses for one layer (see the
+    module docstring for definitions and the averaging order), using ``run_with_hooks``.
+
+    The replacement happens at positions 1.. when ``skip_bos`` (BOS keeps its own MLP output in
+    every variant, since the sparse MLP never saw BOS in training), else at every position.
+    Raises ValueError if ``mean_mlp_out`` has the wrong width.
+    """
+    d_model = model.cfg.d_model
+    if mean_mlp_out.shape != (d_model,):
+        raise ValueError(f"mean_mlp_out must be [{d_model}], got {tuple(mean_mlp_out.shape)}")
+    in_hook, out_hook = mlp_hook_names(model, sparse_mlp.layer)
+    n_inst = sparse_mlp.sae.n_inst
+    start = 1 if skip_bos else 0
+    sums = {"orig": 0.0, "zero": 0.0, "mean": 0.0}
+    kls = {"zero": 0.0, "mean": 0.0}
+    sparse_ce, sparse_kl, l0 = [0.0] * n_inst, [0.0] * n_inst, [0.0] * n_inst
+    n_pred, n_spliced = 0, 0
+    stored: dict[str, Tensor] = {}
+
+    def keep_input(act: Tensor, hook: Any) -> None:
+        stored["in"] = act  # [batch, pos, d_model]
+
+    def replace_with(new: Tensor):
+        def hook_fn(act: Tensor, hook: Any) -> Tensor:  # act: [batch, pos, d_model]
+            act = act.clone()
+            act[:, start:] = new[:, start:] if new.ndim == 3 else new
+            return act
+
+        return hook_fn
+
+    def replace_sparse(i: int):
+        def hook_fn(act: Tensor, hook: Any) -> Tensor:
+            act = act.clone()
+            act[:, start:] = sparse_mlp(stored["in"][:, start:])[..., i, :]
+            return act
+
+        return hook_fn
+
+    for b in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc=f"splice layer {sparse_mlp.layer}", mininterval=1.0):
+        batch = tokens[b : b + batch_size]
+        ce, _, ref = _ce_and_kl(model(batch), None, batch)
+        sums["orig"] += ce
+        n_pred += ref.shape[0] * ref.shape[1]
+        zero = torch.zeros(d_model)
+        for name, value in (("zero", zero), ("mean", mean_mlp_out)):
+            logits = model.run_with_hooks(batch, fwd_hooks=[(out_hook, replace_with(value))])
+            ce, kl, _ = _ce_and_kl(logits, ref, batch)
+            sums[name] += ce
+            kls[name] += kl
+        for i in range(n_inst):
+            logits = model.run_with_hooks(batch, fwd_hooks=[(in_hook, keep_input), (out_hook, replace_sparse(i))])
+            ce, kl, _ = _ce_and_kl(logits, ref, batch)
+            sparse_ce[i] += ce
+            sparse_kl[i] += kl
+        acts = sparse_mlp.latents(stored["in"][:, start:])  # [batch, pos', inst, d_sae]
+        l0 = [l0[i] + float((acts[..., i, :] > 0).sum()) for i in range(n_inst)]
+        n_spliced += acts.shape[0] * acts.shape[1]
+    return LossRecovered(
+        layer=sparse_mlp.layer,
+        S_values=tuple(sparse_mlp.S_values),
+        loss_orig=sums["orig"] / n_pred,
+        loss_zero=sums["zero"] / n_pred,
+        loss_mean=sums["mean"] / n_pred,
+        loss_sparse=[c / n_pred for c in sparse_ce],
+        kl_zero=kls["zero"] / n_pred,
+        kl_mean=kls["mean"] / n_pred,
+        kl_sparse=[k / n_pred for k in sparse_kl],
+        l0=[v / n_spliced for v in l0],
+        n_tokens=n_pred,
+    )
+
+
+# ---------------------------------------------------------------------------------------- neuron cosines
+def neuron_cosines(model: HookedTransformer, sparse_mlp: SparseMLP) -> dict[str, Float[Tensor, "inst d_sae d_mlp"]]:
+    """Cosine similarity of every sparse neuron with every original MLP neuron of the layer:
+    ``"enc"`` compares encoder columns with the MLP's input weights ``W_in`` (columns; for a
+    model with normalisation, scaled by the ``ln2`` weight so both read the same vector), and
+    ``"dec"`` compares decoder rows with the MLP's output weights ``W_out`` (rows).
+
+    For a gated MLP the input weights are ``W_in`` (the linear branch), not ``W_gate``.
+    Source: Nabeshima, seed 004 (the "neuron simulator" effect fading as S grows).
+    """
+    block = model.blocks[sparse_mlp.layer]
+    W_in = block.mlp.W_in.detach()  # [d_model, d_mlp]
+    W_out = block.mlp.W_out.detach()  # [d_mlp, d_model]
+    ln2 = getattr(block, "ln2", None)
+    if ln2 is not None and hasattr(ln2, "w"):
+        W_in = W_in * ln2.w.detach()[:, None]
+    enc = torch.stack([cosine_matrix(sparse_mlp.sae.W_enc[i].detach().T, W_in.T) for i in range(sparse_mlp.sae.n_inst)])
+    dec = torch.stack([cosine_matrix(sparse_mlp.sae.W_dec[i].detach(), W_out) for i in range(sparse_mlp.sae.n_inst)])
+    return {"enc": enc, "dec": dec}
+
+
+def max_neuron_cosines(
+    cos: Float[Tensor, "inst d_sae d_mlp"], alive: Float[Tensor, "inst d_sae"] | None = None
+) -> list[Float[Tensor, " n_alive"]]:
+    """For each instance, every (alive) sparse neuron's largest cosine with any original neuron."""
+    best = cos.max(dim=-1).values  # [inst, d_sae]
+    if alive is None:
+        return list(best)
+    return [best[i][alive[i].bool()] for i in range(best.shape[0])]
+
+
+# ---------------------------------------------------------------------------------------- sweep
+@dataclass
+class SparseMLPSweep:
+    """Everything :func:`sparse_mlp_sweep` measured, keyed by layer.
+
+    Attributes:
+        sparse_mlps: the trained sparse MLPs (one SAE instance per ``S``).
+        results: spliced losses on the held-out sequences.
+        best_cos: ``{"enc" | "dec": [Tensor[n_alive] per S]}``, each alive sparse neuron's best
+            cosine with an original neuron (:func:`max_neuron_cosines`).
+        alive_frac: per ``S``, fraction of sparse neurons that fired on the training tokens.
+        seconds: wall time of activation collection, training and evaluation.
+    """
+
+    cfg: SparseMLPConfig
+    layers: list[int]
+    sparse_mlps: dict[int, SparseMLP] = field(default_factory=dict, repr=False)
+    results: dict[int, LossRecovered] = field(default_factory=dict)
+    best_cos: dict[int, dict[str, list[Tensor]]] = field(default_factory=dict, repr=False)
+    alive_frac: dict[int, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=lambda: {"collect": 0.0, "train": 0.0, "evaluate": 0.0})
+
+
+def sparse_mlp_sweep(
+    model: HookedTransformer,
+    train_tokens: Int[Tensor, "n_train pos"],
+    heldout_tokens: Int[Tensor, "n_heldout pos"],
+    cfg: SparseMLPConfig,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 32,
+) -> SparseMLPSweep:
+    """For each layer: collect the MLP's input and output on ``train_tokens`` (BOS dropped),
+    train one sparse MLP per ``S``, splice them into the model on ``heldout_tokens``
+    (:func:`spliced_losses`, mean-ablation with the training mean) and compare their neurons with
+    the original MLP's (:func:`neuron_cosines`). Layers are processed one at a time, so memory
+    holds one layer's activations.
+
+    Raises ValueError for a layer the model does not have.
+    """
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    out = SparseMLPSweep(cfg, layers)
+    for layer in layers:
+        hooks = mlp_hook_names(model, layer)
+        t0 = time.perf_counter()
+        acts = collect_activations(model, train_tokens, hooks, batch_size=batch_size, progress=cfg.progress)
+        x, y = flatten_tokens(acts[hooks[0]]), flatten_tokens(acts[hooks[1]])
+        del acts
+        t1 = time.perf_counter()
+        sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks)
+        t2 = time.perf_counter()
+        out.results[layer] = spliced_losses(model, heldout_tokens, sm, y.mean(0), batch_size=batch_size, progress=cfg.progress)
+        alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool)
+        for i in range(0, len(x), 2048):
+            alive |= (sm.latents(x[i : i + 2048]) > 0).any(0)
+        cos = neuron_cosines(model, sm)
+        out.best_cos[layer] = {part: max_neuron_cosines(cos[part], alive) for part in ("enc", "dec")}
+        out.alive_frac[layer] = alive.float().mean(-1).tolist()
+        out.sparse_mlps[layer] = sm
+        out.seconds["collect"] += t1 - t0
+        out.seconds["train"] += t2 - t1
+        out.seconds["evaluate"] += time.perf_counter() - t2
+    return out
+
+
+# ---------------------------------------------------------------------------------------- reporting
+def loss_recovered_table(results: Sequence[LossRecovered], S: float) -> str:
+    """A Markdown table in the form of EXPERIMENTS.md part F for the sweep value ``S``, next to
+    Nabeshima's S = 6 numbers (his layer i, for i < 4) and Anthropic's A/1 79 %.
+
+    Raises ValueError if ``S`` was not swept.
+    """
+    lines = [
+        f"| layer | L_orig | L_zero | L_mean | L_sparse (S={S:g}) | KL | L0 | recovered (zero) | recovered (mean) "
+        "| Nabeshima L_zero | Nabeshima L_sparse (S=6) | Nabeshima recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if S not in r.S_values:
+            raise ValueError(f"S={S} not among the swept values {r.S_values}")
+        i = r.S_values.index(S)
+        ref = (
+            (f"{NABESHIMA_LOSS_ZERO[r.layer]:.2f}", f"{NABESHIMA_LOSS_SPARSE_S6[r.layer]:.2f}", f"{NABESHIMA_RECOVERED_S6[r.layer]:.0%}")
+            if r.layer < len(NABESHIMA_LOSS_ZERO)
+            else ("", "", "")
+        )
+        lines.append(
+            f"| {r.layer} | {r.loss_orig:.3f} | {r.loss_zero:.3f} | {r.loss_mean:.3f} | {r.loss_sparse[i]:.3f} "
+            f"| {r.kl_sparse[i]:.3f} | {r.l0[i]:.1f} | {r.recovered[i]:.1%} | {r.recovered_vs_mean[i]:.1%} "
+            f"| {ref[0]} | {ref[1]} | {ref[2]} |"
+        )
+    lines.append(
+        f"\nNabeshima's original loss {NABESHIMA_LOSS_ORIG}; Anthropic's A/1 autoencoder recovered "
+        f"{ANTHROPIC_A1_RECOVERED:.0%}. L0: active sparse neurons per token."
+    )
+    return "\n".join(lines)
+
+
+def loss_recovered_overview(results: Sequence[LossRecovered]) -> str:
+    """A Markdown table of loss recovered (zero-ablation) for every layer and every swept ``S``,
+    with the mean L0 in brackets."""
+    S_values = results[0].S_values if results else ()
+    lines = [
+        "| layer | L_orig | L_zero | " + " | ".join(f"S={s:g}" for s in S_values) + " |",
+        "|---|---|---|" + "---|" * len(S_values),
+    ]
+    for r in results:
+        cells = " | ".join(f"{v:.1%} (L0 {l0:.0f})" for v, l0 in zip(r.recovered, r.l0))
+        lines.append(f"| {r.layer} | {r.loss_orig:.3f} | {r.loss_zero:.3f} | {cells} |")
+    return "\n".join(lines)
+
+
+def plot_loss_recovered(results: Sequence[LossRecovered]) -> Figure:
+    """Loss recovered (zero- and mean-ablation) and KL against ``S``, one line per layer, with
+    Anthropic's 79 % and Nabeshima's S = 6 values marked."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(results))))
+    for r, c in zip(results, colors):
+        axes[0].plot(r.S_values, r.recovered, "o-", color=c, label=f"layer {r.layer}")
+        axes[1].plot(r.S_values, r.recovered_vs_mean, "o-", color=c, label=f"layer {r.layer}")
+        axes[2].semilogy(r.S_values, r.kl_sparse, "o-", color=c, label=f"layer {r.layer}")
+        if r.layer < len(NABESHIMA_RECOVERED_S6):
+            axes[0].plot([6], [NABESHIMA_RECOVERED_S6[r.layer]], "*", color=c, markersize=11)
+    for ax in axes[:2]:
+        ax.axhline(ANTHROPIC_A1_RECOVERED, color="grey", ls="--", lw=1, label="Anthropic A/1 (79%)")
+        ax.set_xlabel("S (penalty 2^S)")
+    axes[0].set_ylabel("loss recovered")
+    axes[0].set_title("vs zero-ablation (stars: Nabeshima, S=6)")
+    axes[1].set_title("vs mean-ablation")
+    axes[2].set_title("KL(original || spliced), nats/token")
+    axes[2].set_xlabel("S (penalty 2^S)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_neuron_cosines(
+    best_cos: dict[int, dict[str, list[Tensor]]], S_values: Sequence[float], bins: int = 40
+) -> Figure:
+    """Histograms of every alive sparse neuron's best cosine with an original MLP neuron:
+    rows = layers, columns = encoder / decoder, one curve per ``S``.
+
+    ``best_cos[layer]["enc" | "dec"]`` is the list (one per ``S``) from :func:`max_neuron_cosines`.
+    """
+    layers = sorted(best_cos)
+    fig, axes = plt.subplots(len(layers), 2, figsize=(9, 2.1 * len(layers)), squeeze=False, sharex=True)
+    colors = plt.get_cmap("plasma")(np.linspace(0, 0.85, len(S_values)))
+    edges = np.linspace(0, 1, bins + 1)
+    for row, layer in enumerate(layers):
+        for col, part in enumerate(("enc", "dec")):
+            ax = axes[row, col]
+            for s, vals, c in zip(S_values, best_cos[layer][part], colors):
+                v = vals.detach().cpu().numpy()
+                if v.size:
+                    ax.hist(np.clip(v, 0, 1), bins=edges, histtype="step", color=c, density=True, label=f"S={s:g}")
+            ax.set_title(f"layer {layer}, {'encoder vs W_in' if part == 'enc' else 'decoder vs W_out'}", fontsize=9)
+            ax.set_yticks([])
+    axes[0, 0].legend(fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("best cosine with an original neuron")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,199 @@
+"""Tests for saelib.lm: default-model training and caching (on a tiny config), losses against
+hand computations, activation collection with early stopping, and the SmolLM2 conversion
+(logits against transformers' own model; loss recovered for one layer)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer, utils
+
+from saelib import lm as lm_mod
+from saelib.corpus import CorpusConfig, TextCorpus, load_wiki_leads, split_documents, tokenize_to_sequences, train_bpe_tokenizer
+from saelib.lm import (
+    DefaultModelConfig,
+    collect_activations,
+    flatten_tokens,
+    hook_layer,
+    load_default_model,
+    mean_next_token_loss,
+    model_token_sets,
+    train_language_model,
+    unigram_loss,
+)
+
+TEXTS = ["one two three four five six seven eight nine ten. " * 3, "the cat sat on the mat and the dog sat on the log. " * 3] * 8
+TINY_CORPUS = CorpusConfig(vocab_size=300, n_ctx=16, min_frequency=1)
+
+
+def tiny_cfg(**kw) -> DefaultModelConfig:
+    base = dict(n_layers=2, d_model=16, d_mlp=32, n_heads=2, d_head=8, steps=40, batch_size=4, lr=1e-2, warmup_steps=5, corpus=TINY_CORPUS)
+    return DefaultModelConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus() -> TextCorpus:
+    from saelib.corpus import CorpusSplit
+
+    tok = train_bpe_tokenizer(TEXTS, TINY_CORPUS.vocab_size, TINY_CORPUS.min_frequency)
+    split = CorpusSplit([f"t{i}" for i in range(12)], TEXTS[:12], [f"h{i}" for i in range(4)], TEXTS[12:])
+    train = tokenize_to_sequences(split.train_texts, tok, 16, 0)
+    held = tokenize_to_sequences(split.heldout_texts, tok, 16, 0)
+    return TextCorpus(TINY_CORPUS, tok, 0, train, held, split, key="tinykey")
+
+
+def test_default_model_trains_caches_and_reloads(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    cfg = tiny_cfg()
+    first = load_default_model(cfg, tiny_corpus, progress=False)
+    assert first.info["trained_now"] is True
+    losses = first.info["train_loss_every_10"]
+    assert losses[-1] < losses[0] - 1.0  # it learned the repetitive text
+    folder = tmp_path / next(p.name for p in tmp_path.iterdir() if p.name.startswith("lm-default-"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+    def boom(*a, **k):
+        raise AssertionError("retrained despite the cache")
+
+    monkeypatch.setattr(lm_mod, "train_language_model", boom)
+    second = load_default_model(cfg, tiny_corpus, progress=False)
+    assert second.info["trained_now"] is False
+    for (k, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # a changed config is a different cache entry, so it must train (and here: hit boom)
+    with pytest.raises(AssertionError, match="retrained"):
+        load_default_model(tiny_cfg(steps=41), tiny_corpus, progress=False)
+
+
+def test_default_model_training_is_deterministic(tiny_corpus, tmp_path, monkeypatch):
+    out = []
+    for sub in ("a", "b"):
+        monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path / sub))
+        out.append(load_default_model(tiny_cfg(steps=10), tiny_corpus, progress=False).model.state_dict())
+    for k in out[0]:
+        assert torch.equal(out[0][k], out[1][k]), k
+
+
+def test_default_model_rejects_mismatched_corpus(tiny_corpus):
+    with pytest.raises(ValueError, match="corpus config"):
+        load_default_model(tiny_cfg(corpus=CorpusConfig(vocab_size=301, n_ctx=16)), tiny_corpus)
+
+
+def test_train_language_model_errors():
+    cfg = tiny_cfg()
+    model = HookedTransformer(cfg.hooked_config())
+    with pytest.raises(ValueError, match="batch_size"):
+        train_language_model(model, torch.zeros(2, 16, dtype=torch.long), cfg)
+    with pytest.raises(ValueError, match="token ids"):
+        train_language_model(model, torch.full((8, 16), 300), cfg)
+
+
+# ---------------------------------------------------------------------------- losses
+def test_unigram_loss_by_hand():
+    train = torch.tensor([[0, 1, 1, 2]])  # predicted tokens 1, 1, 2 -> counts+1 = [1, 3, 2, 1] / 7
+    held = torch.tensor([[0, 2, 3]])  # predicted 2 (p=2/7), 3 (p=1/7)
+    expected = -(math.log(2 / 7) + math.log(1 / 7)) / 2
+    assert unigram_loss(train, held, d_vocab=4) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="outside"):
+        unigram_loss(train, held, d_vocab=3)
+
+
+def test_mean_next_token_loss_matches_cross_entropy():
+    model = HookedTransformer(tiny_cfg().hooked_config()).eval()
+    tokens = torch.randint(0, 300, (7, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(tokens)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 300).double(), tokens[:, 1:].reshape(-1)).item()
+    assert mean_next_token_loss(model, tokens, batch_size=3) == pytest.approx(expected, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------- activations
+def test_hook_layer():
+    assert hook_layer(utils.get_act_name("mlp_out", 0)) == 1
+    assert hook_layer(utils.get_act_name("resid_mid", 3)) == 4
+    assert hook_layer(utils.get_act_name("normalized", 2, "ln2")) == 3
+    assert hook_layer("hook_embed") == 0
+    assert hook_layer("ln_final.hook_normalized") is None
+
+
+def test_collect_activations_matches_cache_and_stops_early():
+    model = HookedTransformer(tiny_cfg(n_layers=3).hooked_config()).eval()
+    tokens = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(0))
+    names = [utils.get_act_name("resid_mid", 0), utils.get_act_name("mlp_out", 1)]
+    _, cache = model.run_with_cache(tokens)
+    calls = []
+    model.blocks[2].hook_resid_pre.add_hook(lambda act, hook: calls.append(1))  # must never run
+    acts = collect_activations(model, tokens, names, batch_size=2, progress=False)
+    model.reset_hooks()
+    assert calls == []
+    for name in names:
+        assert acts[name].shape == (5, 16, 16)
+        assert torch.allclose(acts[name], cache[name], atol=1e-6)
+    with pytest.raises(ValueError, match="not in the model"):
+        collect_activations(model, tokens, ["blocks.9.hook_mlp_out"])
+
+
+def test_flatten_tokens_drops_bos():
+    acts = torch.arange(2 * 3 * 2.0).view(2, 3, 2)
+    assert flatten_tokens(acts).tolist() == [[2, 3], [4, 5], [8, 9], [10, 11]]
+    assert flatten_tokens(acts, drop_bos=False).shape == (6, 2)
+
+
+def test_model_token_sets_default_rows_come_from_the_corpus(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    lm = load_default_model(tiny_cfg(steps=2), tiny_corpus, progress=False)
+    train, held = model_token_sets(lm, tiny_corpus, 5, 2, seed=1)
+    rows = {tuple(r) for r in tiny_corpus.train_tokens.tolist()}
+    assert train.shape == (5, 16) and all(tuple(r) in rows for r in train.tolist())
+    assert len({tuple(r) for r in train.tolist()}) == len(set(tuple(r) for r in train.tolist()))
+    assert torch.equal(model_token_sets(lm, tiny_corpus, 5, 2, seed=1)[0], train)
+    with pytest.raises(ValueError, match="asked for"):
+        model_token_sets(lm, tiny_corpus, 10_000, 2)
+
+
+# ---------------------------------------------------------------------------- SmolLM2
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.manual_seed(0)
+    return lm_mod.load_smollm2(n_ctx=256, return_hf=True)
+
+
+def test_smollm2_logits_match_transformers(smollm2):
+    lm, hf = smollm2
+    assert (lm.model.cfg.n_layers, lm.model.cfg.d_model, lm.model.cfg.d_mlp) == (30, 576, 1536)
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Paris is the capital and largest city of France.",
+        "In mathematics, a prime number is a natural number greater than 1.",
+    ]
+    for s in sentences:
+        ids = torch.tensor([[lm.bos_id] + lm.tokenizer.encode(s, add_special_tokens=False).ids])
+        with torch.no_grad():
+            ours = lm.model(ids)
+            theirs = hf(ids).logits
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max().item() < 1e-3
+    # the text decodes back
+    assert "".join(lm.decode(lm.tokenizer.encode(sentences[0]).ids)) == sentences[0]
+
+
+def test_smollm2_loss_recovered_one_layer(smollm2):
+    from saelib.transcoder import SparseMLPConfig, mlp_hook_names, spliced_losses, train_sparse_mlps
+
+    lm, _ = smollm2
+    split = split_documents(load_wiki_leads())
+    train = tokenize_to_sequences(split.train_texts[:300], lm.tokenizer, 64, lm.bos_id, max_seqs=48)
+    held = tokenize_to_sequences(split.heldout_texts[:50], lm.tokenizer, 64, lm.bos_id, max_seqs=4)
+    layer = 0  # zero-ablating SmolLM2's first MLP is catastrophic (FACTS.md: loss 13.2)
+    in_hook, out_hook = mlp_hook_names(lm.model, layer)
+    acts = collect_activations(lm.model, train, [in_hook, out_hook], batch_size=8, progress=False)
+    x, y = flatten_tokens(acts[in_hook]), flatten_tokens(acts[out_hook])
+    cfg = SparseMLPConfig(S_values=(-4.0,), d_sae=576, steps=150, batch_size=256, lr=2e-3, progress=False)
+    sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=(in_hook, out_hook))
+    res = spliced_losses(lm.model, held, sm, y.mean(0), batch_size=4, progress=False)
+    assert 1.0 < res.loss_orig < 5.0  # a real language model on English text
+    assert res.loss_orig < res.loss_sparse[0] < res.loss_zero
+    assert res.loss_zero > res.loss_orig + 3.0
+    assert 0.5 < res.recovered[0] < 1.0
+    assert res.kl_sparse[0] < res.kl_zero

@@ -1,0 +1,202 @@
+"""Tests for saelib.max_of_k: sequence sampling, the model's architecture and training, residual
+collection, ground-truth variables and latent labels, each against values worked out by hand or
+by brute-force enumeration."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from saelib import max_of_k as mk
+
+
+def small_cfg(**kw) -> mk.MaxOfKConfig:
+    """A small max-of-K run that trains in about a second."""
+    return mk.MaxOfKConfig(**{"d_vocab": 12, "n_ctx": 3, "d_model": 16, "d_head": 16,
+                              "steps": 400, "batch_size": 64, "lr": 3e-3, "progress": False, **kw})
+
+
+# ---------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kw, match", [({"d_vocab": 1}, "d_vocab"), ({"n_ctx": 0}, "n_ctx"),
+                                       ({"steps": 0}, "steps"), ({"lr": 0.0}, "lr")])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises(ValueError, match=match):
+        mk.MaxOfKConfig(**kw)
+
+
+def test_default_config_is_gross_max_of_4():
+    hc = mk.MaxOfKConfig().hooked_config()
+    assert (hc.n_layers, hc.n_heads, hc.d_model, hc.d_head, hc.d_vocab, hc.n_ctx) == (1, 1, 32, 32, 64, 4)
+    assert hc.attn_only and hc.normalization_type is None
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_uniform_sequences_in_range():
+    t = mk.sample_sequences(5000, 7, 4, torch.Generator().manual_seed(0))
+    assert t.shape == (5000, 4) and t.dtype == torch.long
+    assert t.min() == 0 and t.max() == 6
+
+
+def test_uniform_max_matches_brute_force_conditional():
+    """Maximum uniform; given the maximum, the number of copies follows the exact enumeration."""
+    d_vocab, n_ctx, n = 6, 3, 120_000
+    t = mk.sample_sequences(n, d_vocab, n_ctx, torch.Generator().manual_seed(1), "uniform_max")
+    mx = t.max(-1).values
+    freq = torch.bincount(mx, minlength=d_vocab).double() / n
+    assert torch.allclose(freq, torch.full((d_vocab,), 1 / d_vocab, dtype=torch.float64), atol=0.006)
+    for m in range(d_vocab):
+        seqs = [s for s in itertools.product(range(m + 1), repeat=n_ctx) if max(s) == m]
+        expected = torch.zeros(n_ctx + 1, dtype=torch.float64)
+        for s in seqs:
+            expected[s.count(m)] += 1 / len(seqs)
+        sel = t[mx == m]
+        got = torch.bincount((sel == m).sum(-1), minlength=n_ctx + 1).double() / len(sel)
+        assert torch.allclose(got, expected, atol=0.02), (m, got, expected)
+        if m >= 1:  # the position of the query token is max with the enumerated probability
+            p_query_max = sum(1 for s in seqs if s[-1] == m) / len(seqs)
+            assert abs((sel[:, -1] == m).double().mean().item() - p_query_max) < 0.02
+
+
+def test_sampling_rejects_unknown_distribution():
+    with pytest.raises(ValueError, match="zipf"):
+        mk.sample_sequences(4, 5, 3, torch.Generator(), "zipf")
+
+
+# ---------------------------------------------------------------------------- model
+def test_model_biases_zero_and_frozen():
+    model = mk.make_model(small_cfg())
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(".mlp" in n or "ln" in n for n in names)  # attention-only, no norm
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1].startswith("b_"):
+            assert not p.requires_grad and torch.all(p == 0), name
+        else:
+            assert p.requires_grad, name
+
+
+def test_final_residual_is_what_the_unembedding_reads():
+    model = mk.make_model(small_cfg())
+    t = mk.sample_sequences(50, 12, 3, torch.Generator().manual_seed(0))
+    resid = mk.final_residual(model, t, batch_size=16)
+    assert resid.shape == (50, 16)
+    with torch.no_grad():
+        logits = model(t)[:, -1]
+    assert torch.allclose(resid @ model.W_U, logits, atol=1e-5)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread (and far faster on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_training_is_deterministic_and_learns_the_max(one_thread):
+    m1, l1 = mk.train_max_of_k(small_cfg())
+    m2, l2 = mk.train_max_of_k(small_cfg())
+    assert l1 == l2
+    test = mk.sample_sequences(4000, 12, 3, torch.Generator().manual_seed(5))
+    acc = mk.accuracy(m1, test, batch_size=1000)
+    assert acc > 0.9  # chance is about 1/12; predicting the last token is right 1/3 + ... < 0.5
+    assert mk.accuracy(m2, test) == acc
+    assert sum(l1[-20:]) / 20 < 0.5 * sum(l1[:20]) / 20
+
+
+# ---------------------------------------------------------------------------- labels
+def test_ground_truth_by_hand():
+    t = torch.tensor([[3, 7, 7, 1], [5, 5, 5, 5], [0, 2, 1, 2], [4, 1, 0, 9]])
+    gt = mk.ground_truth(t)
+    assert gt["max"].tolist() == [7, 5, 2, 9]
+    assert gt["query"].tolist() == [1, 5, 2, 9]
+    assert gt["nonmax"].tolist() == [3, -1, 1, 4]
+    assert gt["copies"].tolist() == [2, 4, 2, 1]
+
+
+def test_activation_histogram_by_hand():
+    acts = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    values = torch.tensor([0, 2, 2, 1])
+    h = mk.activation_histogram(acts, values, 3)
+    assert torch.allclose(h, torch.tensor([[0.25, 0.0, 0.75], [0.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="values must lie"):
+        mk.activation_histogram(acts, torch.tensor([0, 3, 0, 0]), 3)
+    with pytest.raises(ValueError, match="non-negative"):
+        mk.activation_histogram(-acts, values, 3)
+
+
+def test_max_range_shortest_window():
+    hist = torch.tensor([[0.0, 0.5, 0.1, 0.4], [0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]])
+    assert mk.max_range(hist, 0.8).tolist() == [[1, 3], [0, 3], [-1, -1]]
+    assert mk.max_range(hist, 0.5).tolist() == [[1, 1], [0, 1], [-1, -1]]  # ties: lowest start
+    with pytest.raises(ValueError, match="mass"):
+        mk.max_range(hist, 0.0)
+
+
+def test_label_latents_on_indicator_latents():
+    """Latent 0 = [max = 10]: pure, no gain beyond the max. Latent 1 = [max = 10 and query = 10]:
+    its query gain is -log P(query = max | max = 10), counted directly here."""
+    t = mk.sample_sequences(40_000, 16, 4, torch.Generator().manual_seed(2), "uniform_max")
+    gt = mk.ground_truth(t)
+    is10 = gt["max"] == 10
+    q10 = is10 & (gt["query"] == 10)
+    acts = torch.stack([is10.float(), 2.0 * q10.float(), torch.zeros(len(t))], dim=1)
+    lab = mk.label_latents(acts, t, 16)
+    assert lab.alive.tolist() == [True, True, False]
+    assert lab.max_top[:2].tolist() == [10, 10] and lab.max_top[2] == -1
+    assert torch.allclose(lab.max_purity[:2], torch.ones(2))
+    assert lab.max_mean[0] == pytest.approx(10.0)
+    assert abs(lab.gain["query"][0].item()) < 1e-5 and abs(lab.gain["copies"][0].item()) < 1e-5
+    expected = -math.log(q10.sum().item() / is10.sum().item())
+    assert lab.gain["query"][1].item() == pytest.approx(expected, rel=1e-4)
+    assert lab.secondary[1] == "query" and lab.secondary_top[1] == 10
+    assert lab.describe(0) == "max 10"
+    assert lab.describe(1) == "max 10 | query=10"
+    assert lab.describe(2) == "dead"
+    assert lab.frequency[0].item() == pytest.approx(is10.float().mean().item())
+
+
+def test_label_latents_copies_gain():
+    """A latent firing only on sequences with exactly 2 copies of the max (any max) selects copies.
+    (All 4 copies would tie with ``nonmax = -1``, which is the same event.)"""
+    t = mk.sample_sequences(40_000, 8, 4, torch.Generator().manual_seed(3), "uniform_max")
+    gt = mk.ground_truth(t)
+    acts = (gt["copies"] == 2).float()[:, None]
+    lab = mk.label_latents(acts, t, 8)
+    assert lab.secondary == ["copies"] and lab.secondary_top.tolist() == [2]
+    assert lab.gain["copies"][0] > lab.gain["query"][0]
+
+
+def test_variance_explained_on_constructed_residual():
+    """resid = e_max (one-hot of the max in 4 dims) + 0.5 * e_query in 4 other dims."""
+    t = mk.sample_sequences(20_000, 4, 3, torch.Generator().manual_seed(4))
+    gt = mk.ground_truth(t)
+    onehot = lambda v: torch.nn.functional.one_hot(v, 4).double()
+    resid = torch.cat([onehot(gt["max"]), 0.5 * onehot(gt["query"])], dim=1)
+    ve = mk.variance_explained(resid, t, 4)
+    assert ve["max+query"] == pytest.approx(1.0)
+    # explained by max alone: the max block fully, the query block by its mean given the max
+    var = lambda x: (x - x.mean(0)).square().sum().item()
+    q = 0.5 * onehot(gt["query"])
+    means = torch.stack([q[gt["max"] == m].mean(0) for m in range(4)])
+    expected = 1 - (q - means[gt["max"]]).square().sum().item() / (var(onehot(gt["max"])) + var(q))
+    assert ve["max"] == pytest.approx(expected, rel=1e-9)
+    assert 0.0 < ve["query"] < ve["max+query"]
+
+
+def test_summarize_labels_by_hand():
+    t = torch.tensor([[1, 2, 3, 3], [0, 1, 2, 0], [3, 0, 0, 1], [2, 2, 0, 1]])  # maxima 3, 2, 3, 2
+    acts = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])
+    s = mk.summarize_labels(mk.label_latents(acts, t, 4))
+    assert s["alive"] == 2 and s["pure"] == 1 and s["maxima_covered"] == 1
+    assert s["median_span"] == 1.5  # spans 1 (latent 0: max 3) and 2 (latent 1: max 2-3)
+    assert s["latents_per_max"] == 1.0
+
+
+def test_plot_max_histograms_drops_dead_rows():
+    h = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    fig = mk.plot_max_histograms({"width 3": h})
+    img = fig.axes[0].images[0].get_array()
+    assert img.shape == (2, 3)
+    assert img[0].tolist() == [1.0, 0.0, 0.0]  # sorted by mean max: 0.0 then 1.5

@@ -1,0 +1,290 @@
+"""Tests for saelib.persistence: SAELens round trips, exact saelib round trips, clear errors on
+broken checkpoints, atomic and deterministic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import saelib.persistence
+from saelib.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
+from saelib.sae import SAE, SAEConfig
+
+D_IN, D_SAE, N_INST, INST = 6, 10, 3, 2
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    return pytest.importorskip("sae_lens")
+
+
+def build_sae(architecture="relu", *, k=None, d_out=None, apply_b_dec_to_input=True, use_b_dec=True,
+              trained_threshold=True) -> SAE:
+    """A 3-instance SAE with random non-zero biases; BatchTopK gets a threshold per instance at
+    the median positive pre-activation, so the threshold visibly changes the output."""
+    if architecture != "relu" and k is None:
+        k = 3
+    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, n_inst=N_INST, architecture=architecture, k=k, d_out=d_out,
+                    apply_b_dec_to_input=apply_b_dec_to_input, use_b_dec=use_b_dec, seed=1)
+    sae = SAE(cfg)
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
+        sae.W_dec.add_(0.3 * torch.randn_like(sae.W_dec))
+        sae.b_enc.copy_(0.2 * torch.randn_like(sae.b_enc))
+        if use_b_dec:
+            sae.b_dec.copy_(0.5 * torch.randn_like(sae.b_dec))
+        if architecture == "batchtopk" and trained_threshold:
+            pre = sae.pre_acts(torch.randn(256, D_IN))  # [batch, inst, d_sae]
+            sae.threshold.copy_(torch.stack([pre[:, i][pre[:, i] > 0].median() for i in range(N_INST)]))
+    return sae.eval()
+
+
+def assert_same_state(a: SAE, b: SAE) -> None:
+    assert a.cfg.to_dict() == b.cfg.to_dict()
+    for (name_a, ta), (name_b, tb) in zip(
+        list(a.named_parameters()) + list(a.named_buffers()),
+        list(b.named_parameters()) + list(b.named_buffers()),
+    ):
+        assert name_a == name_b
+        torch.testing.assert_close(ta, tb, rtol=0, atol=0, equal_nan=True, msg=name_a)
+
+
+# ---------------------------------------------------------------------------- SAELens round trip
+CASES = {
+    "relu": (dict(architecture="relu"), "StandardSAE"),
+    "topk": (dict(architecture="topk", k=3), "TopKSAE"),
+    "batchtopk": (dict(architecture="batchtopk", k=3), "JumpReLUSAE"),
+    "relu_no_bdec_input": (dict(architecture="relu", apply_b_dec_to_input=False), "StandardSAE"),
+    "transcoder": (dict(architecture="relu", d_out=4, apply_b_dec_to_input=False), "Transcoder"),
+    "batchtopk_transcoder": (dict(architecture="batchtopk", k=3, d_out=4, apply_b_dec_to_input=False),
+                             "JumpReLUTranscoder"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sae_lens_loads_same_encode_decode(tmp_path, sae_lens, case):
+    kwargs, sae_lens_class = CASES[case]
+    sae = build_sae(**kwargs)
+    folder = save_sae(sae, tmp_path / "sae", instance=INST)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME])
+
+    loaded = sae_lens.SAE.load_from_disk(folder)
+    assert type(loaded).__name__ == sae_lens_class
+    x = torch.randn(64, D_IN)
+    with torch.no_grad():
+        acts = sae.encode(x)[:, INST]  # [batch, d_sae]
+        out = sae.decode(sae.encode(x))[:, INST]  # [batch, d_out]
+        sl_acts = loaded.encode(x)
+        sl_out = loaded.decode(sl_acts)
+    assert 0 < (acts > 0).float().mean() < 1  # a non-trivial sparsity pattern
+    if kwargs["architecture"] == "batchtopk":  # the threshold really matters
+        pre = sae.pre_acts(x)[:, INST]
+        assert ((pre > 0) & (pre <= sae.threshold[INST])).any()
+    torch.testing.assert_close(sl_acts, acts, rtol=0, atol=1e-5)
+    torch.testing.assert_close(sl_out, out, rtol=0, atol=1e-5)
+
+
+def test_saved_files_layout(tmp_path):
+    sae = build_sae("topk", k=4)
+    folder = save_sae(sae, tmp_path / "sae", instance=1)
+    cfg = json.loads((folder / CFG_FILENAME).read_text())
+    assert cfg["architecture"] == "topk" and cfg["k"] == 4
+    assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"], cfg["normalize_activations"]) == (D_IN, D_SAE, "float32", "none")
+    assert cfg["metadata"]["sae_lens_version"].startswith("6.")
+    assert cfg["saelib"] == {**sae.cfg.to_dict(), "n_inst": 1}
+    tensors = load_file(folder / WEIGHTS_FILENAME)
+    assert {n: tuple(t.shape) for n, t in tensors.items()} == {
+        "W_enc": (D_IN, D_SAE), "b_enc": (D_SAE,), "W_dec": (D_SAE, D_IN), "b_dec": (D_IN,)}
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    torch.testing.assert_close(tensors["W_enc"], sae.W_enc[1].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(tensors["b_dec"], sae.b_dec[1].detach(), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- saelib round trip
+@pytest.mark.parametrize("case", list(CASES))
+def test_load_sae_restores_instance_exactly(tmp_path, case):
+    kwargs, _ = CASES[case]
+    sae = build_sae(**kwargs)
+    loaded = load_sae(save_sae(sae, tmp_path / "sae", instance=INST))
+    assert not loaded.training
+    assert_same_state(loaded, sae.instance(INST))
+    if kwargs["architecture"] == "batchtopk":
+        assert loaded.threshold.item() == sae.threshold[INST].item()
+
+
+def test_untrained_batchtopk_is_saelib_only(tmp_path, sae_lens):
+    sae = build_sae("batchtopk", trained_threshold=False)
+    folder = save_sae(sae, tmp_path / "sae")
+    assert json.loads((folder / CFG_FILENAME).read_text())["architecture"] == "saelib_batchtopk"
+    loaded = load_sae(folder)
+    assert torch.isnan(loaded.threshold).all()
+    assert_same_state(loaded, sae.instance(0))
+    with pytest.raises(KeyError):
+        sae_lens.SAE.load_from_disk(folder)
+
+
+def test_topk_transcoder_is_saelib_only(tmp_path, sae_lens):
+    sae = build_sae("topk", k=2, d_out=4, apply_b_dec_to_input=False)
+    folder = save_sae(sae, tmp_path / "sae")
+    assert_same_state(load_sae(folder), sae.instance(0))
+    with pytest.raises(KeyError):
+        sae_lens.SAE.load_from_disk(folder)
+
+
+def test_use_b_dec_false_round_trip(tmp_path):
+    sae = build_sae("relu", use_b_dec=False)
+    loaded = load_sae(save_sae(sae, tmp_path / "sae", instance=1))
+    assert_same_state(loaded, sae.instance(1))
+    assert "b_dec" not in dict(loaded.named_parameters())
+
+
+def test_load_sae_reads_a_sae_lens_checkpoint(tmp_path, sae_lens):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    ref = StandardSAE(StandardSAEConfig(d_in=5, d_sae=7))
+    with torch.no_grad():
+        for p in (ref.W_enc, ref.b_enc, ref.W_dec, ref.b_dec):
+            p.copy_(torch.randn_like(p))
+    ref.save_model(tmp_path / "ref")
+    sae = load_sae(tmp_path / "ref")
+    assert (sae.cfg.architecture, sae.cfg.d_in, sae.cfg.d_sae) == ("relu", 5, 7)
+    x = torch.randn(32, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(x)[:, 0], ref.encode(x), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sae(x)[0][:, 0], ref(x), rtol=0, atol=1e-5)
+
+
+def test_save_is_deterministic(tmp_path):
+    sae = build_sae("relu")
+    a, b = save_sae(sae, tmp_path / "a"), save_sae(sae, tmp_path / "b")
+    for name in (CFG_FILENAME, WEIGHTS_FILENAME):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_save_sae_argument_errors(tmp_path):
+    with pytest.raises(IndexError, match="3"):
+        save_sae(build_sae(), tmp_path / "x", instance=3)
+    with pytest.raises(TypeError):
+        save_sae(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+# ---------------------------------------------------------------------------- broken checkpoints
+@pytest.fixture
+def saved(tmp_path):
+    return save_sae(build_sae("relu"), tmp_path / "sae")
+
+
+def drop_checksum(folder) -> None:
+    """Make the checkpoint look hand-made (no recorded SHA-256), to reach the later checks."""
+    cfg = json.loads((folder / CFG_FILENAME).read_text())
+    del cfg["metadata"]["saelib_weights_sha256"]
+    (folder / CFG_FILENAME).write_text(json.dumps(cfg))
+
+
+def test_missing_files(tmp_path, saved):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_sae(tmp_path / "nowhere")
+    (saved / WEIGHTS_FILENAME).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILENAME):
+        load_sae(saved)
+    (saved / CFG_FILENAME).unlink()
+    with pytest.raises(FileNotFoundError, match=CFG_FILENAME):
+        load_sae(saved)
+
+
+def test_invalid_json(saved):
+    (saved / CFG_FILENAME).write_text('{"architecture": "standard", ')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_sae(saved)
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_truncated_weights(saved, checksum):
+    if not checksum:
+        drop_checksum(saved)
+    raw = (saved / WEIGHTS_FILENAME).read_bytes()
+    (saved / WEIGHTS_FILENAME).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="SHA-256" if checksum else "not a valid safetensors"):
+        load_sae(saved)
+
+
+def test_garbage_weights(saved):
+    drop_checksum(saved)
+    (saved / WEIGHTS_FILENAME).write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        load_sae(saved)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(saved):
+    tensors = load_file(saved / WEIGHTS_FILENAME)
+    tensors["W_enc"] = torch.zeros(D_IN, D_SAE - 1)
+    save_file(tensors, saved / WEIGHTS_FILENAME)
+    drop_checksum(saved)
+    with pytest.raises(ValueError, match=r"'W_enc'.*\(6, 9\).*expected \(6, 10\)"):
+        load_sae(saved)
+
+
+def test_cfg_disagreeing_with_saelib_config(saved):
+    cfg = json.loads((saved / CFG_FILENAME).read_text())
+    cfg["d_sae"] = 11
+    (saved / CFG_FILENAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="d_sae"):
+        load_sae(saved)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights(saved, bad):
+    tensors = load_file(saved / WEIGHTS_FILENAME)
+    tensors["W_dec"][3, 1] = bad
+    save_file(tensors, saved / WEIGHTS_FILENAME)
+    drop_checksum(saved)
+    with pytest.raises(ValueError, match="'W_dec'.*NaN/inf"):
+        load_sae(saved)
+
+
+def test_missing_and_unexpected_tensors(saved):
+    drop_checksum(saved)
+    tensors = load_file(saved / WEIGHTS_FILENAME)
+    save_file({n: t for n, t in tensors.items() if n != "b_enc"}, saved / WEIGHTS_FILENAME)
+    with pytest.raises(ValueError, match="b_enc"):
+        load_sae(saved)
+    save_file({**tensors, "extra": torch.zeros(2)}, saved / WEIGHTS_FILENAME)
+    with pytest.raises(ValueError, match="extra"):
+        load_sae(saved)
+
+
+# ---------------------------------------------------------------------------- atomicity
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
+    folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
+    before = snapshot(folder)
+
+    def failing_fsync(fd):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(saelib.persistence.os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="simulated"):
+        save_sae(build_sae("relu"), folder, instance=1)  # different weights
+    assert snapshot(folder) == before  # old files intact, no temporary files left behind
+
+
+def test_interrupted_save_between_files_is_detected(tmp_path, monkeypatch):
+    folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
+    real_replace = saelib.persistence.os.replace
+
+    def replace_weights_only(src, dst):
+        if str(dst).endswith(CFG_FILENAME):
+            raise OSError("crash before cfg.json (simulated)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(saelib.persistence.os, "replace", replace_weights_only)
+    with pytest.raises(OSError, match="simulated"):
+        save_sae(build_sae("relu"), folder, instance=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME])
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_sae(folder)

@@ -1,0 +1,175 @@
+"""Tests for saelib.polysemanticity on planted latent activations with known answers."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from saelib.polysemanticity import (
+    Context,
+    bos_profile,
+    bottom_contexts,
+    contexts_html,
+    dense_latents,
+    examine_latents,
+    latent_density,
+    plot_contexts,
+    plot_density_histogram,
+    plot_latent_report,
+    plot_position_profiles,
+    position_dependence,
+    position_profile,
+    reports_html,
+    reports_table,
+    top_contexts,
+)
+
+
+def decode(ids):
+    return [f"t{i}" for i in ids]
+
+
+def test_latent_density_by_hand():
+    acts = torch.zeros(2, 4, 3)  # [n_seq, pos, d_sae]
+    acts[:, 0, :] = 1.0  # BOS fires everything: excluded
+    acts[0, 1, 0] = 0.5
+    acts[1, 2, 0] = 2.0
+    acts[:, 1:, 1] = 1.0
+    # latent 0: 2 of 6 non-BOS tokens; latent 1: all; latent 2: none
+    assert torch.allclose(latent_density(acts), torch.tensor([2 / 6, 1.0, 0.0]))
+    assert torch.allclose(latent_density(acts, drop_bos=False), torch.tensor([4 / 8, 1.0, 2 / 8]))
+    with pytest.raises(ValueError, match="n_seq, pos, d_sae"):
+        latent_density(acts[0])
+
+
+def test_dense_latents_order_and_threshold():
+    density = torch.tensor([0.05, 0.5, 0.1, 0.2, 0.5])
+    assert dense_latents(density).tolist() == [1, 4, 3]  # 0.1 is not > 0.1; ties by index
+    assert dense_latents(density, 0.3).tolist() == [1, 4]
+    with pytest.raises(ValueError, match="threshold"):
+        dense_latents(density, 1.0)
+
+
+def planted():
+    tokens = torch.arange(3 * 10).view(3, 10)
+    acts = torch.zeros(3, 10)
+    acts[0, 0] = 100.0  # BOS: must be ignored
+    acts[1, 5] = 10.0
+    acts[2, 2] = 7.0
+    acts[0, 8] = 0.5  # bottom 10 % of max (10): <= 1.0
+    acts[2, 9] = 1.0
+    acts[1, 1] = 0.2
+    acts[0, 4] = 3.0  # not in the bottom decile
+    return acts, tokens
+
+
+def test_top_contexts_planted():
+    acts, tokens = planted()
+    top = top_contexts(acts, tokens, decode, k=2, window=(2, 1))
+    assert [(c.seq, c.pos, c.act) for c in top] == [(1, 5, 10.0), (2, 2, 7.0)]
+    c = top[0]
+    assert c.tokens == ["t13", "t14", "t15", "t16"] and c.center == 2
+    assert c.acts == [0.0, 0.0, 10.0, 0.0]
+    # window clipped at the sequence start
+    assert top[1].tokens == ["t20", "t21", "t22", "t23"] and top[1].center == 2
+    # asking for more than the number of firings returns them all (6 non-BOS firings)
+    assert len(top_contexts(acts, tokens, decode, k=50)) == 6
+    assert top_contexts(acts, tokens, decode, k=1, skip_bos=False)[0].pos == 0
+
+
+def test_bottom_contexts_are_in_the_bottom_decile():
+    acts, tokens = planted()
+    bottom = bottom_contexts(acts, tokens, decode, k=10, frac=0.1)
+    assert sorted((c.seq, c.pos) for c in bottom) == [(0, 8), (1, 1), (2, 9)]
+    assert [c.act for c in bottom] == sorted([c.act for c in bottom], reverse=True)
+    two = bottom_contexts(acts, tokens, decode, k=2, frac=0.1, seed=1)
+    assert len(two) == 2 and all(0 < c.act <= 1.0 for c in two)
+    assert [(c.seq, c.pos) for c in two] == [(c.seq, c.pos) for c in bottom_contexts(acts, tokens, decode, k=2, seed=1)]
+    assert bottom_contexts(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long), decode) == []
+    with pytest.raises(ValueError, match="frac"):
+        bottom_contexts(acts, tokens, decode, frac=0.0)
+    with pytest.raises(ValueError, match="n_seq, pos"):
+        bottom_contexts(acts, tokens[:, :5], decode)
+
+
+def test_position_dependence_extremes():
+    g = torch.Generator().manual_seed(0)
+    positional = torch.arange(32.0).expand(500, 32).clone()  # a function of position only
+    assert position_dependence(positional) == pytest.approx(1.0)
+    iid = torch.rand(5000, 32, generator=g)  # independent of position
+    assert position_dependence(iid) < 0.01
+    assert position_dependence(torch.ones(4, 8)) == 0.0
+    mixed = positional + 1023**0.5 * torch.rand(500, 32, generator=g)  # both variances (32²-1)/12: eta² ~ 1/2
+    assert 0.35 < position_dependence(mixed) < 0.65
+
+
+def test_position_profile_and_bos():
+    acts = torch.zeros(4, 5)
+    acts[:, 1:] = 2.0
+    acts[0, 3] = 0.0
+    prof = position_profile(acts)
+    assert prof["freq"].tolist() == [0.0, 1.0, 1.0, 0.75, 1.0]
+    assert prof["mean"].tolist() == [0.0, 2.0, 2.0, 1.5, 2.0]
+    assert bos_profile(acts) == {"bos": 0.0, "non_bos": 15 / 16}
+
+
+def test_contexts_html_escapes_and_highlights():
+    ctx = [Context(seq=0, pos=1, act=2.0, tokens=["<b>", " x&y", "\n"], acts=[0.0, 2.0, 1.0], center=1)]
+    out = contexts_html(ctx, title="latent 3")
+    assert "&lt;b&gt;" in out and " x&amp;y" in out and "<b>latent 3</b>" in out
+    assert out.count("<span") == 3
+    assert "rgba(220,40,40,1.00)" in out and "rgba(220,40,40,0.50)" in out and "rgba(220,40,40,0.00)" in out
+    assert "underline" in out
+
+
+def test_plots_return_figures():
+    acts, tokens = planted()
+    figs = [
+        plot_density_histogram({"a": torch.tensor([0.0, 0.01, 0.2, 0.5]), "b": torch.tensor([0.001, 0.3])}),
+        plot_contexts(top_contexts(acts, tokens, decode, k=3), title="$x$ tokens"),
+        plot_latent_report(acts, tokens, decode, title="latent 0"),
+    ]
+    for fig in figs:
+        assert isinstance(fig, Figure)
+        fig.canvas.draw()
+        matplotlib.pyplot.close(fig)
+
+
+def test_examine_latents_planted():
+    acts1, tokens = planted()
+    acts = torch.stack([acts1, torch.zeros_like(acts1), torch.ones_like(acts1)], dim=-1)  # [3, 10, 3]
+    reports = examine_latents(acts, tokens, decode, latents=[0, 2], k=3)
+    r0, r2 = reports
+    assert r0.latent == 0 and r0.density == pytest.approx(6 / 27) and r0.bos_freq == pytest.approx(1 / 3)
+    assert r0.max_act == 10.0 and [c.act for c in r0.top] == [10.0, 7.0, 3.0]
+    assert all(0 < c.act <= 1.0 for c in r0.bottom)
+    assert r0.top_tokens[0] == ("t15", 1)  # token id 15 = seq 1, pos 5
+    assert r2.density == 1.0 and r2.bos_freq == 1.0 and r2.position_eta2 == 0.0
+    table = reports_table(reports)
+    assert table.count("\n") == 3 and "| 0 | 0.222 | 33% |" in table
+    html = reports_html(reports)
+    assert html.count("<hr>") == 2 and "latent 2: density 1.000" in html
+    with pytest.raises(ValueError, match="out of range"):
+        examine_latents(acts, tokens, decode, latents=[3])
+    with pytest.raises(ValueError, match="matching tokens"):
+        examine_latents(acts[:2], tokens, decode, latents=[0])
+    fig = plot_position_profiles(acts, [0, 1, 2], n_cols=2)
+    assert isinstance(fig, Figure)
+    assert sum(ax.get_visible() for ax in fig.axes[:4]) == 3  # 3 panels on a 2x2 grid, the 4th hidden
+    matplotlib.pyplot.close(fig)
+
+
+def test_sequence_latents_match_direct_encoding():
+    from saelib.sae import SAE, SAEConfig
+    from saelib.polysemanticity import sequence_latents
+
+    sae = SAE(SAEConfig(d_in=4, d_sae=6, n_inst=2, seed=1))
+    x = torch.randn(3, 5, 4)
+    got = sequence_latents(sae, x, scale=2.0, instance=1, batch_size=4)
+    assert got.shape == (3, 5, 6)
+    assert torch.allclose(got[2, 3], sae.encode(2.0 * x[2, 3][None])[0, 1])
+    with pytest.raises(ValueError, match="instance"):
+        sequence_latents(sae, x, instance=2)

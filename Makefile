@@ -29,8 +29,16 @@ figures notebooks: $(STAMP)
 			--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
 	done
 
+# make test: two pytest-xdist workers with one BLAS/OpenMP thread each (2 cores), each notebook's
+# cells kept on one worker (tests/conftest.py groups them); figures go to a throw-away folder so
+# the committed full-size figures are not overwritten by the quick run
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(RUN) SAELIB_QUICK=1 $(PY) -m pytest --nbval-lax --durations=15 tests $(NOTEBOOKS)
+	@figdir=$$(mktemp -d); \
+	$(RUN) SAELIB_QUICK=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 SAELIB_FIGURES_DIR=$$figdir \
+		$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
+		--nbval-lax --durations=15 tests $(NOTEBOOKS); \
+	rc=$$?; rm -rf "$$figdir"; exit $$rc
 
 unit: $(STAMP)
 	$(RUN) $(PY) -m pytest tests

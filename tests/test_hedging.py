@@ -15,14 +15,7 @@ QK_EXCLUSIVE = [(0.2, 2), (0.1, 3), (0.5, 2), (0.05, 1), (1.0, 1), (0.25, 4), (0
 QK_INDEPENDENT = [(0.2, 2), (0.1, 3), (0.5, 2), (0.9, 5), (1.0, 3), (0.3, 1)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: one intra-op thread is faster and avoids oversubscribing a
-    shared machine. Restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def hand_second_moment(p0: float, q: float, k: int, exclusive: bool) -> np.ndarray:

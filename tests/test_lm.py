@@ -197,3 +197,22 @@ def test_smollm2_loss_recovered_one_layer(smollm2):
     assert res.loss_zero > res.loss_orig + 3.0
     assert 0.5 < res.recovered[0] < 1.0
     assert res.kl_sparse[0] < res.kl_zero
+
+
+def test_load_model_dispatches_hub_names_to_transformer_lens(tiny_corpus, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    calls = []
+
+    def fake_from_pretrained(name, **kw):
+        calls.append((name, kw))
+        model = HookedTransformer(tiny_cfg().hooked_config())
+        model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tiny_corpus.tokenizer, bos_token="<|endoftext|>")
+        return model
+
+    monkeypatch.setattr(lm_mod.HookedTransformer, "from_pretrained", staticmethod(fake_from_pretrained))
+    lm = lm_mod.load_model("some-org/some-model")
+    assert calls == [("some-org/some-model", {"device": "cpu"})]
+    assert lm.name == "some-org/some-model" and lm.bos_id == 0
+    assert lm.tokenizer.encode("the cat").ids == tiny_corpus.tokenizer.encode("the cat").ids
+    assert not lm.model.training

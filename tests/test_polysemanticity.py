@@ -173,3 +173,11 @@ def test_sequence_latents_match_direct_encoding():
     assert torch.allclose(got[2, 3], sae.encode(2.0 * x[2, 3][None])[0, 1])
     with pytest.raises(ValueError, match="instance"):
         sequence_latents(sae, x, instance=2)
+
+
+def test_reports_html_standalone_page():
+    acts1, tokens = planted()
+    reps = examine_latents(acts1[..., None], tokens, decode, latents=[0], k=2)
+    page = reports_html(reps, title="L1 <SAE>")
+    assert page.startswith("<!DOCTYPE html>") and "<title>L1 &lt;SAE&gt;</title>" in page and "CC BY-SA 4.0" in page
+    assert reports_html(reps) in page

@@ -9,14 +9,7 @@ import torch
 from saelib.sae import SAE, SAEConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: one intra-op thread is faster and avoids oversubscribing a
-    shared machine. Restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def build_sae_cfg(**kw) -> SAEConfig:

@@ -15,14 +15,7 @@ from saelib.train import History, TrainConfig, TrainingDivergedError, _permute_w
 TREE = nabeshima_tree()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: one intra-op thread is faster and avoids oversubscribing a
-    shared machine. Restored afterwards for other test modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def tree_data(batch: int, g: torch.Generator) -> torch.Tensor:

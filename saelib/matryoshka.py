@@ -233,7 +233,8 @@ def every_prefix_errors(
     return e.pow(2).sum(-1, keepdim=True) + terms.cumsum(-1)
 
 
-# above this many elements in [batch, inst, d_sae, d_sae], decode block by block instead
+# the dense Gram path costs batch · inst · d_sae² multiply-adds: used below this many, or when
+# d_sae <= d_in (then it costs at most one more encoder-sized product)
 _DENSE_PREFIX_LIMIT = 2**23
 
 
@@ -246,11 +247,12 @@ def matryoshka_recon_loss(
 ) -> Float[Tensor, " inst"]:
     """Weighted mean over prefixes of the batch-mean squared error, per instance.
 
-    Small problems use the dense Gram path (:func:`every_prefix_errors`); larger ones use the
-    sparse exact path (:func:`saelib.every_prefix.sparse_prefix_loss`, cost set by the largest row
-    L0) when that L0 is below the number of weighted prefixes, else one decode split into blocks.
+    Small problems and ``d_sae <= d_in`` use the dense Gram path (:func:`every_prefix_errors`);
+    larger ones use the sparse exact path (:func:`saelib.every_prefix.sparse_prefix_loss`, cost
+    set by the largest row L0) when that L0 is below the number of weighted prefixes, else one
+    decode split into blocks.
     """
-    if acts.numel() * acts.shape[-1] <= _DENSE_PREFIX_LIMIT:
+    if acts.numel() * acts.shape[-1] <= _DENSE_PREFIX_LIMIT or acts.shape[-1] <= x.shape[-1]:
         errs = every_prefix_errors(x, acts, W_dec, b_dec).mean(0)  # [inst, d_sae]
         return (errs * weights).sum(-1)
     ends = torch.nonzero(weights.sum(0) > 0).flatten() + 1

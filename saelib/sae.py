@@ -167,10 +167,13 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ forward
     def pre_acts(self, x: Tensor) -> Float[Tensor, "batch inst d_sae"]:
         """Encoder pre-activations ``(x - b_dec) @ W_enc + b_enc`` (no ``- b_dec`` for transcoders)."""
-        x = self._as_instances(x)
+        # one batched matmul over instances on an [inst, batch, .] layout; the result is a
+        # transposed view [batch, inst, d_sae] (no permute copies in forward or backward). The bias
+        # is added separately: baddbmm's fused add rounds differently for some shapes (d_sae = 1)
+        x = self._as_instances(x).transpose(0, 1)  # [inst, batch, d_in]
         if self.cfg.apply_b_dec_to_input:
-            x = x - self.b_dec
-        return torch.einsum("bid,ids->bis", x, self.W_enc) + self.b_enc
+            x = x - self.b_dec[:, None, :]
+        return torch.bmm(x, self.W_enc).transpose(0, 1) + self.b_enc
 
     def activation(self, pre: Float[Tensor, "batch inst d_sae"]) -> Float[Tensor, "batch inst d_sae"]:
         """Apply the architecture's sparsifying non-linearity to pre-activations."""
@@ -214,8 +217,9 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x))
 
     def decode(self, acts: Float[Tensor, "batch inst d_sae"]) -> Float[Tensor, "batch inst d_out"]:
-        """Reconstruction ``acts @ W_dec + b_dec``."""
-        return torch.einsum("bis,isd->bid", acts, self.W_dec) + self.b_dec
+        """Reconstruction ``acts @ W_dec + b_dec`` (a transposed view of an [inst, batch, d_out]
+        tensor, like :meth:`pre_acts`)."""
+        return torch.bmm(acts.transpose(0, 1), self.W_dec).transpose(0, 1) + self.b_dec
 
     def forward(self, x: Tensor) -> tuple[Float[Tensor, "batch inst d_out"], Float[Tensor, "batch inst d_sae"]]:
         """Return ``(x_hat, acts)``."""

@@ -213,6 +213,17 @@ def _sampler(data: DataSource, d_in: int, d_out: int) -> Callable[[int, torch.Ge
     return data
 
 
+def _raise_diverged(loss: Tensor, first_loss: Tensor, factor: float, step: int) -> None:
+    """Raise :class:`TrainingDivergedError` naming the step and the offending instances."""
+    non_finite = (~torch.isfinite(loss)).nonzero().flatten().tolist()
+    if non_finite:
+        raise TrainingDivergedError(f"non-finite loss at step {step} for instance(s) {non_finite}")
+    bad = (loss > factor * first_loss).nonzero().flatten().tolist()
+    raise TrainingDivergedError(
+        f"loss diverged at step {step} for instance(s) {bad}: {loss[bad].tolist()} > {factor} x first loss"
+    )
+
+
 def _clip_per_instance(params: list[Tensor], max_norm: float) -> None:
     """Clip each instance's gradient (all parameters together) to ``max_norm``."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -330,7 +341,9 @@ def train_sae(
     g_prefix = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     g_resample = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     params = [p for p in sae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas)
+    # foreach: one multi-tensor kernel per Adam sub-step instead of a Python loop over parameters
+    # (same arithmetic, same results; less per-step overhead for small SAEs)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_lr_factor(s, cfg))
     sq_act_ema = torch.zeros(n_inst, d_sae)
     l1_warmup = max(1, int(cfg.l1_warmup_frac * cfg.steps))
@@ -369,17 +382,11 @@ def train_sae(
             loss_i = recon + ramp * coeff * sparsity
         else:
             loss_i = recon
-        if not torch.isfinite(loss_i).all():
-            bad = (~torch.isfinite(loss_i)).nonzero().flatten().tolist()
-            raise TrainingDivergedError(f"non-finite loss at step {step} for instance(s) {bad}")
         if first_loss is None:
             first_loss = loss_i.detach().clamp_min(1e-12)
-        elif (loss_i.detach() > cfg.divergence_factor * first_loss).any():
-            bad = (loss_i.detach() > cfg.divergence_factor * first_loss).nonzero().flatten().tolist()
-            raise TrainingDivergedError(
-                f"loss diverged at step {step} for instance(s) {bad}: "
-                f"{loss_i.detach()[bad].tolist()} > {cfg.divergence_factor} x first loss"
-            )
+        # one check (and one host sync) per step: non-finite or diverged
+        if not ((loss_i.detach() <= cfg.divergence_factor * first_loss) & torch.isfinite(loss_i)).all():
+            _raise_diverged(loss_i.detach(), first_loss, cfg.divergence_factor, step)
 
         opt.zero_grad(set_to_none=True)
         loss_i.sum().backward()
@@ -391,7 +398,9 @@ def train_sae(
             sae.normalize_decoder()
 
         with torch.no_grad():
-            l0 = (acts > 0).float().sum(-1).mean(0)  # [inst]
+            log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
+            if target is not None or log_now:
+                l0 = (acts > 0).float().sum(-1).mean(0)  # [inst]
             if target is not None and step + 1 >= l1_warmup:
                 coeff = torch.where(l0 < target, coeff * (1 - cfg.l1_adapt_eps), coeff * (1 + cfg.l1_adapt_eps))
             if cfg.resample_dead_every is not None:
@@ -411,7 +420,7 @@ def train_sae(
                 sq_act_ema = sq_act_ema.gather(1, perm)
             if callback is not None:
                 callback(step, sae)
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            if log_now:
                 err = (x - x_hat).pow(2).sum(-1)
                 var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
                 hist.step.append(step)

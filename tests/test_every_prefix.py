@@ -5,7 +5,7 @@ import torch
 
 import saelib.every_prefix as every_prefix
 from saelib.every_prefix import active_latents, sparse_prefix_loss
-from saelib.matryoshka import MatryoshkaConfig, prefix_weights
+from saelib.matryoshka import MatryoshkaConfig, every_prefix_errors, prefix_weights
 from saelib.sae import SAE, SAEConfig
 
 
@@ -165,6 +165,25 @@ def test_matryoshka_recon_loss_routes_large_sparse_problems_to_the_sparse_path(m
         calls.clear()
         got = matryoshka.matryoshka_recon_loss(xi, acts, sae.W_dec, sae.b_dec, weights)
         assert bool(calls) == routed, mode
+        torch.testing.assert_close(got, naive_prefix_loss(xi, acts, sae.W_dec, sae.b_dec, weights))
+
+
+def test_matryoshka_recon_loss_keeps_the_dense_path_when_d_sae_is_at_most_d_in(monkeypatch):
+    import saelib.matryoshka as matryoshka
+
+    calls = []
+    monkeypatch.setattr(matryoshka, "every_prefix_errors",
+                        lambda *a: calls.append(1) or every_prefix_errors(*a))
+    monkeypatch.setattr(matryoshka, "_DENSE_PREFIX_LIMIT", 0)
+    for d_sae, dense in ((6, True), (7, False)):
+        sae = build_sae("topk", n_inst=2, d_in=6, d_sae=d_sae, k=2)
+        x = torch.randn(9, 6, dtype=torch.float64)
+        xi = sae._as_instances(x)
+        _, acts = sae(x)
+        weights = prefix_weights(MatryoshkaConfig(mode="every"), d_sae, 2).double()
+        calls.clear()
+        got = matryoshka.matryoshka_recon_loss(xi, acts, sae.W_dec, sae.b_dec, weights)
+        assert bool(calls) == dense, d_sae
         torch.testing.assert_close(got, naive_prefix_loss(xi, acts, sae.W_dec, sae.b_dec, weights))
 
 

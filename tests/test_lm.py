@@ -64,6 +64,14 @@ def test_default_model_trains_caches_and_reloads(tiny_corpus, tmp_path, monkeypa
     # a changed config is a different cache entry, so it must train (and here: hit boom)
     with pytest.raises(AssertionError, match="retrained"):
         load_default_model(tiny_cfg(steps=41), tiny_corpus, progress=False)
+    # so is another thread count (matmul rounding depends on it)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.raises(AssertionError, match="retrained"):
+            load_default_model(cfg, tiny_corpus, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_default_model_training_is_deterministic(tiny_corpus, tmp_path, monkeypatch):

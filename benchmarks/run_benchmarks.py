@@ -375,13 +375,6 @@ def machine_info(threads: int) -> dict:
             break
     mem_gib = _status_kib_meminfo() / 1024**2
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                                    text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", False
-    try:
         from importlib.metadata import version
 
         saelens_version = version("sae-lens")
@@ -390,10 +383,22 @@ def machine_info(threads: int) -> dict:
     return {
         "cpu": cpu, "cores": os.cpu_count(), "threads": threads, "mem_gib": round(mem_gib, 1),
         "python": platform.python_version(), "torch": torch.__version__, "sae_lens": saelens_version,
-        "saelib_commit": commit + ("+dirty" if dirty else ""),
+        "saelib_commit": saelib_commit(),
         "load_avg_at_start": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def saelib_commit() -> str:
+    """Short commit of this checkout, with ``+dirty`` if tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
 
 
 def _status_kib_meminfo() -> int:
@@ -514,8 +519,10 @@ def measure_wall_times() -> list[dict]:
     # tokenizers that the test command then reuses
     cache = tempfile.mkdtemp(prefix="saelib-bench-cache-")
     env = {**os.environ, "SAELIB_CACHE_DIR": cache}
+    commit, when = saelib_commit(), time.strftime("%Y-%m-%d %H:%M")
     for cmd in (["make", "figures"], ["make", "test"]):
-        out.append({**time_command(cmd, env), "cache": "cold at the start of make figures"})
+        out.append({**time_command(cmd, env), "cache": "cold at the start of make figures", "commit": commit,
+                    "date": when})
         print(f"  {' '.join(cmd)}: {out[-1]['wall_s']:.0f} s, exit code {out[-1]['returncode']}", flush=True)
     return out
 
@@ -749,13 +756,15 @@ def render_markdown(res: dict) -> str:
 
     L += ["## 5. Wall times", ""]
     if "wall_times" in res:
-        L += ["| command | wall time | exit code |", "|---|---|---|"]
-        L += [f"| `{w['cmd']}` | {w['wall_s'] / 60:.1f} min | {w['returncode']} |" for w in res["wall_times"]]
+        L += ["| command | wall time | exit code | saelib | date |", "|---|---|---|---|---|"]
+        L += [f"| `{w['cmd']}` | {w['wall_s'] / 60:.1f} min | {w['returncode']} | {w.get('commit', '')} | "
+              f"{w.get('date', '')} |" for w in res["wall_times"]]
         if any("cache" in w for w in res["wall_times"]):
             L += ["", "Run in this order with an empty `SAELIB_CACHE_DIR` at the start (as on a fresh machine): "
-                  "the main job trains and caches the tokenizer and the language model, which the test "
-                  "command then reuses. The virtual environment already existed (its one-time set-up, "
-                  "~2 min, is not included)."]
+                  "the main job trains and caches the tokenizer and the language model; the test command "
+                  "reuses the tokenizer but trains its own one-thread language model (the model cache is "
+                  "keyed by the thread count). The virtual environment already existed (its one-time "
+                  "set-up, ~2 min, is not included)."]
         if not any(w["cmd"].startswith("make figures") for w in res["wall_times"]):
             L += ["", "The main job (`make figures`) is not measured in these results "
                   "(`--wall-times-only` measures both commands)."]

@@ -8,7 +8,7 @@ loss, a unigram baseline and batched activation collection through hooks.
 d_head=32``, vocabulary and context from :class:`saelib.corpus.CorpusConfig` (4096, 128);
 1.9 M parameters. Trained with AdamW on random training sequences (next-token cross-entropy),
 linear warm-up then cosine decay, gradient clipping; deterministic for a given config on a given
-machine and thread count. Cached under :func:`saelib.corpus.cache_dir` as
+machine and thread count (trained under ``torch.use_deterministic_algorithms``). Cached under :func:`saelib.corpus.cache_dir` as
 ``lm-default-<key>/model.safetensors`` + ``config.json``, ``key`` hashing the config, the
 corpus and torch's intra-op thread count; a changed config or corpus trains a new model. The thread
 count is part of the key because the CPU matmuls round differently with another count: a model
@@ -179,8 +179,11 @@ def train_language_model(
     loss (nats per token) of every step.
 
     Sequences are visited in random order (a fresh permutation per epoch, from a generator
-    seeded with ``cfg.seed``). Raises ValueError if ``tokens`` has fewer sequences than
-    ``cfg.batch_size`` or ids outside the vocabulary.
+    seeded with ``cfg.seed``). Training runs under ``torch.use_deterministic_algorithms(True)``
+    (restored afterwards): with more than one thread the CPU gradient of the embedding lookup
+    otherwise accumulates in a varying order, and two runs with the same seed gave different
+    models (measured: every tensor differed after 3 steps with 2 threads). Raises ValueError if
+    ``tokens`` has fewer sequences than ``cfg.batch_size`` or ids outside the vocabulary.
     """
     if tokens.ndim != 2 or tokens.shape[0] < cfg.batch_size:
         raise ValueError(f"tokens must be [n_seq >= batch_size={cfg.batch_size}, pos], got {tuple(tokens.shape)}")
@@ -194,19 +197,24 @@ def train_language_model(
     losses: list[float] = []
     model.train()
     bar = tqdm(range(cfg.steps), disable=not progress, desc="train default LM", mininterval=1.0)
-    for _ in bar:
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(tokens), generator=g), 0
-        batch = tokens[order[cursor : cursor + cfg.batch_size]]  # [batch, pos]
-        cursor += cfg.batch_size
-        loss = model(batch, return_type="loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in bar:
+            if cursor + cfg.batch_size > len(order):
+                order, cursor = torch.randperm(len(tokens), generator=g), 0
+            batch = tokens[order[cursor : cursor + cfg.batch_size]]  # [batch, pos]
+            cursor += cfg.batch_size
+            loss = model(batch, return_type="loss")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     model.eval()
     return losses
 
@@ -228,7 +236,8 @@ def load_default_model(
     corpus = corpus or load_corpus(cfg.corpus)
     if corpus.cfg != cfg.corpus:
         raise ValueError(f"corpus config {corpus.cfg} differs from the model's {cfg.corpus}")
-    key = config_hash("default-lm-v1", cfg.to_dict(), corpus.key, {"torch_threads": torch.get_num_threads()})
+    # v2: trained with deterministic algorithms (v1 models came from a run-to-run varying gradient)
+    key = config_hash("default-lm-v2", cfg.to_dict(), corpus.key, {"torch_threads": torch.get_num_threads()})
     folder = cache_dir() / f"lm-default-{key}"
     weights_path, cfg_path = folder / "model.safetensors", folder / "config.json"
     torch.manual_seed(cfg.seed)

@@ -676,12 +676,15 @@ def render_markdown(res: dict) -> str:
               "separates that gain from the work saelib skips (the input-gradient product, the L1 "
               "product):", "",
               "| library | glibc heap setting | samples/s | runs (s) |", "|---|---|---|---|"]
+        def heap_setting_on(r: dict) -> bool:  # the default: on for saelib, off for SAELens
+            return r.get("retain_cpu_memory", r["lib"] == "saelib")
+
         rows = [r for r in res["throughput"] if r["size"] == "lm"] + res["allocator_ablation"]
-        for r in sorted(rows, key=lambda r: (r["lib"], not r.get("retain_cpu_memory", r["lib"] == "saelib"))):
-            on = r.get("retain_cpu_memory", r["lib"] == "saelib")
+        for r in sorted(rows, key=lambda r: (r["lib"], not heap_setting_on(r))):
+            on = heap_setting_on(r)
             L.append(f"| {r['lib']} | {'on' if on else 'off (glibc default)'} | {r['samples_per_s']:,.0f} | "
                      f"{', '.join(f'{t:.2f}' for t in r['times_s'])} |")
-        ab = {(r["lib"], r.get("retain_cpu_memory", r["lib"] == "saelib")): r["samples_per_s"] for r in rows}
+        ab = {(r["lib"], heap_setting_on(r)): r["samples_per_s"] for r in rows}
         if all(k in ab for k in (("saelib", True), ("saelib", False), ("saelens", True), ("saelens", False))):
             L += ["", f"saelib / SAELens with the setting on for both: "
                   f"{ab['saelib', True] / ab['saelens', True]:.2f}x; off for both: "

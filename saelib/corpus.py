@@ -132,10 +132,13 @@ def split_documents(docs: dict[str, str], heldout_frac: float = 0.1, seed: int =
     ``sha256(f"{seed}:{title}")``, read as a fraction of 2**64, fall below ``heldout_frac``.
 
     The assignment of a title never depends on the other documents, so adding documents does
-    not move existing ones between parts. Raises ValueError if ``heldout_frac`` is not in (0, 1).
+    not move existing ones between parts. Raises ValueError if ``heldout_frac`` is not in (0, 1)
+    or ``docs`` is empty.
     """
     if not (0.0 < heldout_frac < 1.0):
         raise ValueError(f"heldout_frac must be in (0, 1), got {heldout_frac!r}")
+    if len(docs) == 0:
+        raise ValueError(f"docs must hold at least one document to split, got {docs!r}")
     split = CorpusSplit([], [], [], [])
     for title in sorted(docs):
         u = int.from_bytes(hashlib.sha256(f"{seed}:{title}".encode()).digest()[:8], "big") / 2**64

@@ -72,6 +72,8 @@ def _check_pair(acts_a: Tensor, acts_b: Tensor) -> None:
         raise ValueError(f"activations must be [n_tokens, d_sae], got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}")
     if acts_a.shape[0] != acts_b.shape[0]:
         raise ValueError(f"both SAEs must be evaluated on the same tokens, got {acts_a.shape[0]} and {acts_b.shape[0]}")
+    if acts_a.shape[0] == 0:
+        raise ValueError(f"need activations on at least one token, got n_tokens=0 (shapes {tuple(acts_a.shape)} and {tuple(acts_b.shape)})")
     for name, t in (("acts_a", acts_a), ("acts_b", acts_b)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN/inf")
@@ -119,8 +121,8 @@ def directed_mcs(
     either latent never fires. With the factor the score can exceed 1. Source: Nabeshima 2024
     (see the module docstring).
 
-    Raises ValueError if the token counts differ, an input is not 2-D, or activations are
-    negative or non-finite.
+    Raises ValueError if the token counts differ or are 0, an input is not 2-D, or activations
+    are negative or non-finite.
     """
     _check_pair(acts_a, acts_b)
     s = _masked_sums(acts_a, acts_b, chunk_size)
@@ -186,8 +188,8 @@ def build_feature_dag(
     the directed (default) or symmetric MCS. Dead latents are left out. ``labels[l][j]`` becomes
     the ``label`` attribute of node ``(l, j)`` (default ``"l/j"``).
 
-    Raises ValueError for fewer than two SAEs, mismatched token counts, an unknown ``score``,
-    or label lists of the wrong length.
+    Raises ValueError for fewer than two SAEs, zero or mismatched token counts, an unknown
+    ``score``, or label lists of the wrong length.
     """
     if len(acts) < 2:
         raise ValueError(f"need activations of at least two SAEs, got {len(acts)}")
@@ -203,6 +205,8 @@ def build_feature_dag(
     for level, a in enumerate(acts):
         if a.ndim != 2:
             raise ValueError(f"acts[{level}] must be [n_tokens, d_sae], got {tuple(a.shape)}")
+        if a.shape[0] == 0:
+            raise ValueError(f"acts[{level}] has no tokens (n_tokens=0, shape {tuple(a.shape)}): nothing to compare")
         max_act = a.amax(0)
         freq = (a > 0).float().mean(0)
         for j in torch.nonzero(max_act > 0).flatten().tolist():

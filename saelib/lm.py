@@ -398,12 +398,26 @@ def model_token_sets(
 
 
 # ---------------------------------------------------------------------------------------- losses
+def _check_predicted_tokens(name: str, tokens: Tensor) -> None:
+    """Raise ValueError unless ``tokens`` is ``[n_seq >= 1, pos >= 2]`` (at least one predicted token)."""
+    if tokens.ndim != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ValueError(
+            f"{name} must be [n_seq, pos] with n_seq >= 1 and pos >= 2 (at least one token to predict), "
+            f"got shape {tuple(tokens.shape)}"
+        )
+
+
 @torch.no_grad()
 def mean_next_token_loss(
     model: HookedTransformer, tokens: Int[Tensor, "n_seq pos"], batch_size: int = 32, progress: bool = False
 ) -> float:
     """Mean next-token cross-entropy (nats) over every predicted token of ``tokens``
-    (positions 1..pos-1 of every sequence, each token weighted equally)."""
+    (positions 1..pos-1 of every sequence, each token weighted equally).
+
+    Raises ValueError if ``tokens`` is not ``[n_seq, pos]`` with ``n_seq >= 1`` and ``pos >= 2``
+    (no token to predict).
+    """
+    _check_predicted_tokens("tokens", tokens)
     total, count = 0.0, 0
     for i in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="loss", mininterval=1.0):
         batch = tokens[i : i + batch_size]
@@ -417,9 +431,11 @@ def unigram_loss(train_tokens: Int[Tensor, "n pos"], heldout_tokens: Int[Tensor,
     """Cross-entropy (nats per token) of the held-out predicted tokens (positions 1..) under the
     unigram distribution of the training predicted tokens, add-one (Laplace) smoothed.
 
-    The baseline a language model must beat. Raises ValueError if an id is outside ``[0, d_vocab)``.
+    The baseline a language model must beat. Raises ValueError if an id is outside ``[0, d_vocab)``,
+    or if either tensor is not ``[n, pos]`` with ``n >= 1`` and ``pos >= 2`` (no predicted token).
     """
     for name, t in (("train_tokens", train_tokens), ("heldout_tokens", heldout_tokens)):
+        _check_predicted_tokens(name, t)
         if int(t.min()) < 0 or int(t.max()) >= d_vocab:
             raise ValueError(f"{name} has ids outside [0, {d_vocab}): [{int(t.min())}, {int(t.max())}]")
     counts = torch.bincount(train_tokens[:, 1:].flatten(), minlength=d_vocab).double() + 1.0

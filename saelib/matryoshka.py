@@ -340,6 +340,19 @@ class PerInstanceMatryoshka:
             return prefix_weights(self.configs[0], d_sae, len(self.configs), generator)
         return batched_prefix_weights(self.configs, d_sae, generator)
 
+    def independent_weights(
+        self, d_sae: int, generators: Sequence[torch.Generator]
+    ) -> Float[Tensor, "inst d_sae"]:
+        """This step's prefix weights with instance ``i``'s row drawn from ``generators[i]`` alone,
+        exactly as ``prefix_weights(configs[i], d_sae, 1, generators[i])``: a row does not depend
+        on how many instances there are (:class:`saelib.train.TrainConfig` ``independent_instances``).
+
+        Raises ValueError if there is not one generator per instance, or as :func:`prefix_weights`.
+        """
+        if len(generators) != len(self.configs):
+            raise ValueError(f"got {len(generators)} generators for {len(self.configs)} instances")
+        return torch.cat([prefix_weights(c, d_sae, 1, g) for c, g in zip(self.configs, generators)])
+
 
 def expected_prefix_weights(
     cfg: MatryoshkaConfig, d_sae: int, n_draws: int = 4096, seed: int = 0

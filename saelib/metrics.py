@@ -273,14 +273,21 @@ def _check_acts(acts: Tensor) -> None:
         raise TypeError(f"acts must be a torch.Tensor, got {type(acts).__name__}")
     if acts.ndim < 2 or acts.shape[0] == 0:
         raise ValueError(f"acts must be [batch, ..., d_sae] with batch >= 1, got shape {tuple(acts.shape)}")
+    finite = torch.isfinite(acts)
+    if not finite.all():
+        n_bad = int((~finite).sum())
+        first = tuple((~finite).nonzero()[0].tolist())
+        raise ValueError(
+            f"acts contains {n_bad} NaN/inf value(s) (first at index {first}: {acts[first].item()})"
+        )
 
 
 def l0(acts: Float[Tensor, "batch *rest d_sae"]) -> Float[Tensor, "*rest"]:
     """L0: mean over the batch of the number of nonzero latents per sample.
 
     ``acts`` ``[batch, d_sae]`` → scalar; ``[batch, inst, d_sae]`` → ``[inst]``. Any value
-    ``!= 0`` counts (negative values too). Raises ValueError if ``acts`` has fewer than 2 dims
-    or an empty batch.
+    ``!= 0`` counts (negative values too). Raises ValueError if ``acts`` has fewer than 2 dims,
+    an empty batch, or contains NaN/inf.
     """
     _check_acts(acts)
     return (acts != 0).sum(-1).to(torch.get_default_dtype()).mean(0)

@@ -27,7 +27,9 @@ reads and SAELens refuses (a KeyError on the unknown architecture): a TopK trans
 negative one.
 
 Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so
-a failed write never leaves a half-written file behind. The weights are written first and
+a failed write never leaves a half-written file behind; a process killed mid-write can leave its
+hidden temporary file, which the next write into the same folder removes (see
+:func:`atomic_write_bytes`). The weights are written first and
 ``cfg.json`` records their SHA-256 (``metadata.saelib_weights_sha256``), so if a save is
 interrupted between the two files :func:`load_sae` reports the mismatch instead of mixing two
 saves.
@@ -39,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -50,7 +53,7 @@ from torch import Tensor
 
 from .sae import SAE, SAEConfig
 
-__all__ = ["save_sae", "load_sae", "atomic_write_bytes", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "load_sae", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"
@@ -59,24 +62,120 @@ CFG_FILENAME = "cfg.json"
 SAELENS_FORMAT_VERSION = "6.54.12"
 
 
+try:  # advisory locks tell a live writer's temporary file from a dead one's (POSIX only)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+# ``.<name>.<uuid4 hex>.tmp``: the temporary files atomic_write_bytes creates (the uuid4 version
+# and variant digits make the pattern specific to them)
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}\.tmp$")
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+
+
+def _lock_new_temp_file(fd: int, tmp: Path) -> bool:
+    """Take the writer's lock on a just-created temporary file, held until it is renamed.
+
+    Returns False if a cleaner removed the file between its creation and the lock (it was not
+    locked yet, so it looked abandoned). On a file system without locks nothing is locked and
+    True is returned: cleaners cannot lock such files either, so they never remove them.
+    """
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        return True
+    try:
+        return os.stat(tmp).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that interrupted :func:`atomic_write_bytes` calls left in
+    ``folder`` (a process killed between creating and renaming its ``.<name>.<uuid>.tmp``).
+
+    Only names of that exact form are considered, and only files no live writer holds: every
+    writer keeps an exclusive ``flock`` on its temporary file until it is renamed, so a file whose
+    lock can be taken belongs to a writer that died (the kernel drops the lock with the process).
+    Writes in progress, in this or another process, are never disturbed. Without ``fcntl``
+    (Windows) nothing is removed. Returns the removed paths.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not _TEMP_NAME.match(name):
+            continue
+        tmp = folder / name
+        try:
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # gone (renamed by its writer), a link, or unreadable
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # a live writer holds it
+                continue
+            # still the same file under that name (not renamed away meanwhile)?
+            try:
+                same = os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                try:
+                    os.unlink(tmp)
+                except OSError:  # e.g. another user's file in a shared folder: leave it
+                    continue
+                removed.append(tmp)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: the file is either the old one or the complete new
     one, never a partial write.
 
-    Writes to a uniquely named ``.<name>.<random>.tmp`` file in the same folder (created if
+    Writes to a uniquely named ``.<name>.<uuid4 hex>.tmp`` file in the same folder (created if
     missing), fsyncs it, then ``os.replace``-s it onto ``path``; on any failure the temporary file
-    is removed and the exception re-raised. File permissions follow the umask.
+    is removed and the exception re-raised. A process killed mid-write cannot clean up, so every
+    call first removes such leftovers of earlier writes in the folder
+    (:func:`remove_stale_temp_files`; a write in progress holds a lock on its temporary file and
+    is left alone). File permissions follow the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    remove_stale_temp_files(path.parent)
+    while True:
+        tmp = _temp_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            claimed = _lock_new_temp_file(fd, tmp)
+        except BaseException:
+            os.close(fd)
+            raise
+        if claimed:
+            break
+        os.close(fd)  # removed by a cleaner before the lock was taken: try a new name
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if fcntl is not None:  # rename while still holding the lock
+                os.replace(tmp, path)
+        if fcntl is None:  # Windows cannot rename an open file
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -97,7 +196,8 @@ def save_sae(sae: SAE, path: str | Path, instance: int = 0) -> Path:
     byte-identical files. Returns the folder.
 
     Raises TypeError if ``sae`` is not a :class:`saelib.sae.SAE`, IndexError if ``instance`` is
-    out of range.
+    out of range, ValueError if a weight of the instance contains NaN/inf (the message names the
+    parameter; nothing is written). The BatchTopK threshold may be NaN (not trained yet).
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"save_sae expects a saelib.sae.SAE, got {type(sae).__name__}")
@@ -116,6 +216,13 @@ def save_sae(sae: SAE, path: str | Path, instance: int = 0) -> Path:
         "W_dec": one(sae.W_dec),  # [d_sae, d_out]
         "b_dec": one(sae.b_dec),  # [d_out]
     }
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"refusing to save instance {instance}: parameter {name!r} has {n_bad} NaN/inf "
+                f"value(s) of {t.numel()} (load_sae would reject the file)"
+            )
     extra: dict[str, Any] = {"d_out": d_out} if transcoder else {}
     if cfg.architecture == "relu":
         architecture = "transcoder" if transcoder else "standard"

@@ -258,6 +258,10 @@ class SAE(nn.Module):
     def encode(self, x: Tensor) -> Float[Tensor, "batch inst d_sae"]:
         """Latent activations for ``x`` of shape ``[batch, d_in]`` or ``[batch, inst, d_in]``.
 
+        A plain forward pass: for speed it does not check ``x`` for NaN/inf, which pass through
+        (ReLU and TopK alike) into the activations. Data are checked where they enter training
+        (:func:`saelib.train.train_sae`) and the metrics (:mod:`saelib.metrics`).
+
         Raises ValueError if the shape does not match ``d_in`` / ``n_inst``.
         """
         return self.activation(self.pre_acts(x))

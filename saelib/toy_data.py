@@ -22,6 +22,7 @@ Presets: :func:`nabeshima_tree` (the Matryoshka-SAE toy tree) and :func:`chanin_
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -284,7 +285,16 @@ class ToyHierarchy:
     def sample_coefficients(
         self, batch: int, generator: torch.Generator
     ) -> Float[Tensor, "batch n_features"]:
-        """Draw feature coefficients (0 when a feature is off, its magnitude when it fires)."""
+        """Draw feature coefficients (0 when a feature is off, its magnitude when it fires).
+
+        Raises TypeError if ``batch`` is not an int, ValueError if it is negative.
+        """
+        try:
+            batch = operator.index(batch)  # ints, numpy ints; not floats
+        except TypeError:
+            raise TypeError(f"batch (the number of samples) must be an int, got {batch!r}") from None
+        if batch < 0:
+            raise ValueError(f"batch (the number of samples) must be >= 0, got {batch}")
         n = self.n_features
         fires = torch.zeros(batch, n, dtype=torch.bool)
         for i, f in enumerate(self._flat):
@@ -316,7 +326,10 @@ class ToyHierarchy:
     def sample(
         self, batch: int, generator: torch.Generator
     ) -> tuple[Float[Tensor, "batch d"], Float[Tensor, "batch n_features"]]:
-        """Draw ``(x, coefficients)``: inputs ``x = coefficients @ features``."""
+        """Draw ``(x, coefficients)``: inputs ``x = coefficients @ features``.
+
+        Raises TypeError / ValueError as :meth:`sample_coefficients` for a bad ``batch``.
+        """
         coeffs = self.sample_coefficients(batch, generator)
         return coeffs @ self.features, coeffs
 

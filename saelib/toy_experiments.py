@@ -68,10 +68,11 @@ def compare_vanilla_matryoshka(
 class NarrowSweep:
     """Result of :func:`narrow_sae_sweep`: trained vs closed-form single-latent SAEs.
 
-    ``child_cos`` / ``parent_cos`` are ``[n_q, n_l1]``: the trained decoder's cosine with the
-    children (mean over children) and with the parent; ``predicted`` is ``[n_q]``, the closed-form
-    child cosine of :func:`saelib.hedging.hedged_child_cosine`; ``mse`` is ``[n_q, n_l1]``, the
-    trained SAE's reconstruction MSE on a fresh sample.
+    ``child_cos_seeds`` / ``parent_cos_seeds`` are ``[n_q, n_l1, n_seeds]``: each trained decoder's
+    cosine with the children (mean over children) and with the parent; ``child_cos`` /
+    ``parent_cos`` are their medians over seeds, ``[n_q, n_l1]``; ``predicted`` is ``[n_q]``, the
+    closed-form child cosine of :func:`saelib.hedging.hedged_child_cosine`; ``mse`` is
+    ``[n_q, n_l1]``, the median over seeds of the trained SAEs' reconstruction MSE on a fresh sample.
     """
 
     q_values: list[float]
@@ -80,6 +81,8 @@ class NarrowSweep:
     parent_cos: torch.Tensor
     predicted: torch.Tensor
     mse: torch.Tensor
+    child_cos_seeds: torch.Tensor
+    parent_cos_seeds: torch.Tensor
 
 
 def narrow_sae_sweep(
@@ -93,20 +96,24 @@ def narrow_sae_sweep(
     lr: float = 1e-2,
     seed: int = 0,
     n_eval: int = 20_000,
+    n_seeds: int = 1,
 ) -> NarrowSweep:
     """Train one bias-free 1-latent ReLU SAE per (child probability, L1 coefficient) pair, all at
     once along the instance dimension, on Chanin's parent/children hierarchy, and compare each
     decoder with the closed-form hedged direction (Chanin et al. 2025, arXiv 2505.11756).
     Dead latents are resampled during the first half of training (a 1-latent SAE starts dead on
-    about 1 seed in 8)."""
+    about 1 seed in 8). ``n_seeds`` SAEs per pair differ in their initialisation and data draws
+    (instance order: q, then L1, then seed). Raises ValueError if ``n_seeds < 1``."""
     from .hedging import hedged_child_cosine
     from .toy_data import chanin_parent_children, stacked_sampler
 
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
     trees = [
         chanin_parent_children(p_parent=p_parent, p_child=q, n_children=n_children, exclusive=exclusive, seed=seed)
-        for q in q_values for _ in l1_values
+        for q in q_values for _ in l1_values for _ in range(n_seeds)
     ]
-    coeffs = [l1 for _ in q_values for l1 in l1_values]
+    coeffs = [l1 for _ in q_values for l1 in l1_values for _ in range(n_seeds)]
     sae = SAE(SAEConfig(d_in=trees[0].d, d_sae=1, n_inst=len(trees), use_b_dec=False, seed=seed))
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coeff=coeffs, l1_warmup_frac=0.0,
                       resample_dead_every=200, seed=seed, progress=False)
@@ -116,10 +123,12 @@ def narrow_sae_sweep(
         cos = torch.stack([t.features / t.features.norm(dim=-1, keepdim=True) @ w[i] for i, t in enumerate(trees)])
         x = stacked_sampler(trees)(n_eval, torch.Generator().manual_seed(seed + 1))
         mse = (sae(x)[0] - x).pow(2).sum(-1).mean(0)
-    shape = (len(q_values), len(l1_values))
+    shape = (len(q_values), len(l1_values), n_seeds)
+    child_cos, parent_cos = cos[:, 1:].mean(-1).reshape(shape), cos[:, 0].reshape(shape)
     return NarrowSweep(
         q_values=list(q_values), l1_values=list(l1_values),
-        child_cos=cos[:, 1:].mean(-1).reshape(shape), parent_cos=cos[:, 0].reshape(shape),
+        child_cos=child_cos.median(-1).values, parent_cos=parent_cos.median(-1).values,
         predicted=torch.tensor([hedged_child_cosine(q, n_children, exclusive) for q in q_values]),
-        mse=mse.reshape(shape),
+        mse=mse.reshape(shape).median(-1).values,
+        child_cos_seeds=child_cos, parent_cos_seeds=parent_cos,
     )

@@ -25,6 +25,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -63,7 +64,8 @@ class TrainConfig:
     Attributes:
         steps: optimiser steps.
         batch_size: samples per step (the same batch is seen by every instance unless the data
-            source returns ``[batch, inst, d_in]``).
+            source returns ``[batch, inst, d_in]`` or ``independent_instances`` is set; then it is
+            per instance).
         lr: peak Adam learning rate.
         betas: Adam betas (Nabeshima: (0.5, 0.9375)).
         grad_clip: max gradient norm per instance (None: no clipping).
@@ -72,7 +74,8 @@ class TrainConfig:
         end_lr_factor: LR at the end as a fraction of ``lr``.
         l1_coeff: sparsity coefficient (a float, or one per instance for a sweep).
         target_l0: None keeps ``l1_coeff`` fixed; a number (or one per instance) turns on the
-            adaptive controller that steers the batch L0 towards it.
+            adaptive controller that steers the batch L0 towards it. Must be in ``(0, d_sae]``
+            (checked by :func:`train_sae`, where the SAE is known).
         l1_adapt_eps: multiplicative step of the controller.
         l1_warmup_frac: fraction of the steps over which the coefficient ramps up linearly from 0.
         penalty: sparsity penalty name (see :mod:`saelib.penalties`), or one per instance;
@@ -89,7 +92,29 @@ class TrainConfig:
             Monosemanticity" 2023); None disables it.
         log_every: steps between logged history rows.
         divergence_factor: stop if the loss exceeds this multiple of its first value.
-        seed: seed of data sampling and prefix sampling.
+        seed: seed of data sampling, prefix sampling and dead-latent resampling.
+        independent_instances: False (the default, and the behaviour before this option): one
+            data stream shared by all instances (one batch per step, seen by every instance) and
+            one stream of Matryoshka prefix draws and one of resampling draws over all instances
+            at once, so an instance's result depends on how many train beside it. True: every
+            instance has its own generators, derived from ``(seed, instance id)`` (see
+            ``instance_ids``), for its data (the data function is called once per instance per
+            step and the batches are stacked to ``[batch, inst, d]``; stored tensors draw each
+            instance's rows separately), its random Matryoshka prefix lengths and its
+            dead-latent resampling, so instance ``i`` trains exactly as it would alone (its
+            initial weights via :meth:`saelib.sae.SAE.instance`, ``instance_ids=[i]``) and
+            ``n`` instances are ``n`` independent seeds, not ``n`` initialisations that share
+            one data stream (project issue 12, "Independent seeds"). The data function must then
+            return one instance's batch, ``[batch, d_in]`` (or a pair), and costs ``n_inst``
+            calls per step; latent permutation and TopK/BatchTopK draw nothing and need no
+            stream. Equal to the lone run up to floating-point rounding: a one-instance run takes
+            other kernel paths (~1e-7 apart in float32 per step, which training can amplify);
+            on the CPU, runs of 2 and 3 instances agree bit for bit (tests/test_train.py).
+        instance_ids: with ``independent_instances``, the id of each instance whose generators
+            it uses (distinct ids give unrelated streams); None means ``0 .. n_inst - 1``. Lets a
+            run stand in for instances of a larger one: ``instance_ids=[3]`` retrains instance 3
+            alone, ``[0, 1]`` the first two instances of any run with the same seed. Its length
+            must be ``n_inst`` (checked by :func:`train_sae`).
         progress: show a tqdm progress bar.
         retain_cpu_memory: on Linux with glibc and a CPU model, keep freed memory in the process
             heap (see :func:`retain_freed_cpu_memory`): glibc otherwise hands every block over
@@ -118,6 +143,8 @@ class TrainConfig:
     log_every: int = 100
     divergence_factor: float = 1e4
     seed: int = 0
+    independent_instances: bool = False
+    instance_ids: Sequence[int] | None = None
     progress: bool = True
     retain_cpu_memory: bool = True
 
@@ -146,6 +173,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must be in [0, 1), got {self.betas!r}")
         if self.grad_clip is not None and not (self.grad_clip > 0):
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.instance_ids is not None:
+            if not self.independent_instances:
+                raise ValueError("TrainConfig.instance_ids needs independent_instances=True")
+            ids = list(self.instance_ids)
+            if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ValueError(f"TrainConfig.instance_ids must be a non-empty list of ints >= 0, got {self.instance_ids!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -247,9 +280,19 @@ def _check_stored(t: Tensor, d: int, what: str) -> None:
         raise ValueError(f"{what} tensor contains NaN/inf (rows {bad} ...)")
 
 
-def _sampler(data: DataSource, d_in: int, d_out: int) -> Callable[[int, torch.Generator], Any]:
-    """Turn stored activations (a tensor, or an ``(inputs, targets)`` pair) into a sampler."""
+def _sampler(data: DataSource, d_in: int, d_out: int) -> tuple[Callable[[int, torch.Generator], Any], bool]:
+    """Turn stored activations (a tensor, or an ``(inputs, targets)`` pair) into a sampler.
+
+    Returns ``(sample, check_batches)``: stored tensors are checked for NaN/inf here, once, so
+    ``check_batches`` is False for them and True for a data function, whose every batch
+    :func:`train_sae` checks.
+    """
     if isinstance(data, Tensor):
+        if d_out != d_in:
+            raise ValueError(
+                f"a transcoder (d_in={d_in}, d_out={d_out}) trains on a pair (inputs, targets), "
+                f"got one tensor of shape {tuple(data.shape)} as data"
+            )
         data = (data, data)
     if isinstance(data, tuple):
         inputs, targets = data
@@ -263,8 +306,73 @@ def _sampler(data: DataSource, d_in: int, d_out: int) -> Callable[[int, torch.Ge
             idx = torch.randint(len(inputs), (batch,), generator=g)
             return inputs[idx], targets[idx]
 
-        return sample
-    return data
+        return sample, False
+    return data, True
+
+
+# the random streams of one instance under TrainConfig.independent_instances
+_DATA_STREAM, _PREFIX_STREAM, _RESAMPLE_STREAM = 0, 1, 2
+
+
+def _instance_generators(seed: int, instance_ids: Sequence[int], stream: int) -> list[torch.Generator]:
+    """One CPU generator per instance for one random stream (data, prefixes or resampling).
+
+    The generator of instance id ``i`` is seeded with a 64-bit state that numpy's
+    ``SeedSequence(entropy=seed, spawn_key=(i, stream))`` hashes from the three numbers, so it is
+    the same in every run that gives this instance id and seed, and unrelated to the stream of
+    any other ``(seed, id, stream)`` (unlike ``seed + i``, where seed 0's instance 1 would be seed
+    1's instance 0).
+    """
+    entropy = seed % 2**64  # SeedSequence takes non-negative ints only
+    return [
+        torch.Generator().manual_seed(
+            int(np.random.SeedSequence(entropy, spawn_key=(i, stream)).generate_state(1, np.uint64)[0])
+        )
+        for i in instance_ids
+    ]
+
+
+def _stacked_batch(
+    sample: Callable[[int, torch.Generator], Any], batch_size: int, generators: list[torch.Generator], step: int
+) -> Tensor | tuple[Tensor, Tensor]:
+    """One batch per instance, each drawn with that instance's generator, stacked along the
+    instance axis: ``[batch, inst, d]`` (a pair of them for ``(inputs, targets)`` data).
+
+    Raises ValueError if the data function returns anything but one instance's ``[batch, d]``.
+    """
+    parts = [sample(batch_size, g) for g in generators]
+    for part in parts:
+        for t in part if isinstance(part, tuple) else (part,):
+            if t.ndim != 2:
+                raise ValueError(
+                    f"with TrainConfig.independent_instances the data function is called once per "
+                    f"instance with that instance's generator and must return one instance's batch "
+                    f"[batch, d], got shape {tuple(t.shape)} at step {step}"
+                )
+    if isinstance(parts[0], tuple):
+        return tuple(torch.stack(ts, dim=1) for ts in zip(*parts))  # type: ignore[return-value]
+    return torch.stack(parts, dim=1)
+
+
+def _raise_non_finite_batch(x_in: Tensor, target: Tensor, n_inst: int, step: int) -> None:
+    """Raise ValueError naming the step, the instances and the rows of a batch with NaN/inf
+    (``x_in`` and ``target`` as the data function returned them: ``[batch, d]`` or
+    ``[batch, inst, d]``)."""
+    for what, t in (("input", x_in), ("target", target)):
+        bad = ~torch.isfinite(t)
+        if not bad.any():
+            continue
+        bad_rows = bad.any(-1)  # [batch] or [batch, inst]
+        if t.ndim == 3:
+            insts = bad_rows.any(0).nonzero().flatten().tolist()
+            rows = bad_rows.any(1).nonzero().flatten().tolist()
+        else:  # one batch shared by every instance
+            insts, rows = list(range(n_inst)), bad_rows.nonzero().flatten().tolist()
+        more = " ..." if len(rows) > 5 else ""
+        raise ValueError(
+            f"non-finite {what} batch at step {step} for instance(s) {insts}: the data source "
+            f"returned NaN/inf (batch rows {rows[:5]}{more}); this is bad data, not a training divergence"
+        )
 
 
 def _raise_diverged(loss: Tensor, first_loss: Tensor, factor: float, step: int) -> None:
@@ -305,16 +413,31 @@ def _permute_with_optimizer(sae: SAE, opt: torch.optim.Optimizer, perm: Tensor) 
 
 @torch.no_grad()
 def _resample_dead(
-    sae: SAE, opt: torch.optim.Optimizer, dead: Tensor, x_in: Tensor, err: Tensor, g: torch.Generator
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    dead: Tensor,
+    x_in: Tensor,
+    err: Tensor,
+    g: torch.Generator | Sequence[torch.Generator],
 ) -> None:
     """Point each dead latent (``dead`` is ``[inst, d_sae]`` bool) at an input of the batch drawn
-    with probability proportional to its squared reconstruction error (``err`` is ``[batch, inst]``)."""
+    with probability proportional to its squared reconstruction error (``err`` is ``[batch, inst]``).
+
+    ``g`` is one generator for all draws, or one per instance (each instance's dead latents then
+    draw from its own, so the draws do not depend on the other instances).
+    """
     inst_idx, lat_idx = dead.nonzero(as_tuple=True)
     if len(inst_idx) == 0:
         return
     x_in = sae._as_instances(x_in)  # [batch, inst, d_in]
     probs = err.T[inst_idx] + 1e-12  # [n_dead, batch]
-    rows = torch.multinomial(probs, 1, generator=g)[:, 0]
+    if isinstance(g, torch.Generator):
+        rows = torch.multinomial(probs, 1, generator=g)[:, 0]
+    else:
+        rows = torch.empty_like(inst_idx)
+        for i in inst_idx.unique().tolist():
+            sel = inst_idx == i
+            rows[sel] = torch.multinomial(probs[sel], 1, generator=g[i])[:, 0]
     v = x_in[rows, inst_idx]
     if sae.cfg.apply_b_dec_to_input:
         v = v - sae.b_dec[inst_idx]
@@ -371,6 +494,9 @@ def train_sae(
             all instances) or ``[batch, inst, d_in]``; or a tensor ``[n_samples, d_in]`` of stored
             activations sampled with replacement. For a transcoder (``d_out`` set), the function
             returns ``(x, target)`` and stored data is a pair of tensors ``(inputs, targets)``.
+            With ``cfg.independent_instances`` the function is called once per instance with that
+            instance's generator and returns ``[batch, d_in]`` (or the pair), and stored data is
+            sampled per instance.
         callback: called as ``callback(step, sae)`` after every optimiser step (under
             ``torch.no_grad``), e.g. to record decoder cosines over training.
         term_mask: Matryoshka only: ``x_in -> keep`` with ``keep`` ``[batch, inst, d_sae]``
@@ -378,16 +504,29 @@ def train_sae(
             :class:`saelib.matryoshka.SplitTermMask`).
 
     Raises:
-        ValueError: bad config values or data shapes, NaNs in a stored activation tensor.
+        ValueError: bad config values or data shapes; NaN/inf in a stored activation tensor, or
+            in a batch returned by a data function (the message names the step and instances;
+            checked inside the per-step divergence check, so it costs no extra host sync); a
+            ``target_l0`` outside ``(0, d_sae]``; a transcoder given one tensor instead of
+            ``(inputs, targets)``; ``cfg.instance_ids`` not of length ``n_inst``, or a data
+            function returning ``[batch, inst, d]`` with ``cfg.independent_instances``.
         TrainingDivergedError: the loss became NaN/inf or grew past ``divergence_factor`` times
             its first value (the message names the step and instances).
     """
     n_inst, d_sae = sae.n_inst, sae.d_sae
-    sample = _sampler(data, sae.d_in, sae.d_out)
+    transcoder = sae.d_out != sae.d_in
+    sample, check_batches = _sampler(data, sae.d_in, sae.d_out)
     if cfg.retain_cpu_memory and sae.W_enc.device.type == "cpu":
         retain_freed_cpu_memory()
     coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff")
     target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0")
+    if target is not None:
+        unreachable = ((target <= 0) | (target > d_sae)).nonzero().flatten().tolist()
+        if unreachable:
+            raise ValueError(
+                f"TrainConfig.target_l0={cfg.target_l0!r} is not an L0 this SAE can reach with "
+                f"d_sae={d_sae}: it must be in (0, {d_sae}] (instance(s) {unreachable})"
+            )
     uses_penalty = sae.cfg.architecture == "relu"
     kinds = _penalty_kinds(cfg.penalty, n_inst)
     mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst)
@@ -398,11 +537,23 @@ def train_sae(
         uniform = bool((mplan.permute_ema == mplan.permute_ema[0]).all())
         permute_ema = mplan.configs[0].permute_ema if uniform else mplan.permute_ema[:, None]
 
-    g = torch.Generator().manual_seed(cfg.seed)  # data stream only
-    # prefix sampling and dead-latent resampling draw from their own streams, so that neither
-    # changes the data any instance sees
-    g_prefix = torch.Generator().manual_seed(cfg.seed + 1_000_003)
-    g_resample = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+    independent = cfg.independent_instances
+    g_data: list[torch.Generator] = []
+    g_prefix: torch.Generator | list[torch.Generator]
+    g_resample: torch.Generator | list[torch.Generator]
+    if independent:  # one generator per instance and stream (see TrainConfig.independent_instances)
+        ids = list(range(n_inst)) if cfg.instance_ids is None else list(cfg.instance_ids)
+        if len(ids) != n_inst:
+            raise ValueError(f"TrainConfig.instance_ids has {len(ids)} ids but n_inst={n_inst}")
+        g_data = _instance_generators(cfg.seed, ids, _DATA_STREAM)
+        g_prefix = _instance_generators(cfg.seed, ids, _PREFIX_STREAM)
+        g_resample = _instance_generators(cfg.seed, ids, _RESAMPLE_STREAM)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)  # data stream only
+        # prefix sampling and dead-latent resampling draw from their own streams, so that neither
+        # changes the data any instance sees
+        g_prefix = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+        g_resample = torch.Generator().manual_seed(cfg.seed + 2_000_003)
     params = [p for p in sae.parameters() if p.requires_grad]
     # foreach: one multi-tensor kernel per Adam sub-step instead of a Python loop over parameters
     # (same arithmetic, same results; less per-step overhead for small SAEs)
@@ -416,15 +567,33 @@ def train_sae(
     sae.train()
 
     for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc="train SAE", mininterval=1.0):
-        batch = sample(cfg.batch_size, g)
-        x_in, x = batch if isinstance(batch, tuple) else (batch, batch)
+        batch = _stacked_batch(sample, cfg.batch_size, g_data, step) if independent else sample(cfg.batch_size, g)
+        if isinstance(batch, tuple):
+            x_in, x = batch
+        elif transcoder:
+            raise ValueError(
+                f"a transcoder (d_in={sae.d_in}, d_out={sae.d_out}) needs (inputs, targets) "
+                f"batches, but the data function returned one tensor of shape {tuple(batch.shape)} "
+                f"at step {step}"
+            )
+        else:
+            x_in = x = batch
+        data_ok: Tensor | None = None  # a 0-d bool, folded into the divergence check below
+        if check_batches:
+            data_ok = torch.isfinite(x_in).all()
+            if x is not x_in:
+                data_ok = data_ok & torch.isfinite(x).all()
+        x_raw = x
         x = sae._as_instances(x, sae.d_out)  # reconstruction target [batch, inst, d_out]
         x_hat, acts = sae(x_in)
         if mplan is None:
             weights = None
             recon = (x - x_hat).pow(2).sum(-1).mean(0)  # [inst]
         else:
-            weights = mplan.weights(d_sae, g_prefix)
+            if independent:
+                weights = mplan.independent_weights(d_sae, g_prefix)
+            else:
+                weights = mplan.weights(d_sae, g_prefix)
             if term_mask is None and not mplan.routes_gradient:
                 recon = matryoshka_recon_loss(x, acts, sae.W_dec, sae.b_dec, weights)
             else:
@@ -447,8 +616,13 @@ def train_sae(
             loss_i = recon
         if first_loss is None:
             first_loss = loss_i.detach().clamp_min(1e-12)
-        # one check (and one host sync) per step: non-finite or diverged
-        if not ((loss_i.detach() <= cfg.divergence_factor * first_loss) & torch.isfinite(loss_i)).all():
+        # one check (and one host sync) per step: non-finite data, non-finite loss or diverged
+        ok = (loss_i.detach() <= cfg.divergence_factor * first_loss) & torch.isfinite(loss_i)
+        if data_ok is not None:
+            ok = ok & data_ok
+        if not ok.all():
+            if data_ok is not None and not data_ok:
+                _raise_non_finite_batch(x_in, x_raw, n_inst, step)
             _raise_diverged(loss_i.detach(), first_loss, cfg.divergence_factor, step)
 
         opt.zero_grad(set_to_none=True)

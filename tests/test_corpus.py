@@ -58,6 +58,11 @@ def test_split_rejects_bad_fraction(frac):
         split_documents({"a": "b"}, frac)
 
 
+def test_split_rejects_no_documents():
+    with pytest.raises(ValueError, match=r"docs must hold at least one document.*got \{\}"):
+        split_documents({})
+
+
 def test_config_hash_changes_with_config():
     assert config_hash({"a": 1}) == config_hash({"a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})

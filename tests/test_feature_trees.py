@@ -112,6 +112,12 @@ def test_scores_reject_bad_inputs(a, b, match):
         ft.directed_mcs(a, b)
 
 
+@pytest.mark.parametrize("score", [ft.directed_mcs, ft.symmetric_mcs, ft.fraction_outside])
+def test_scores_reject_zero_tokens(score):
+    with pytest.raises(ValueError, match=r"at least one token, got n_tokens=0 \(shapes \(0, 2\) and \(0, 3\)\)"):
+        score(torch.zeros(0, 2), torch.zeros(0, 3))
+
+
 # ---------------------------------------------------------------------------- graphs
 def three_levels() -> list[torch.Tensor]:
     """12 tokens. Level 0: P fires on 0-7, Q on 8-11.
@@ -197,6 +203,11 @@ def test_build_rejects_bad_input():
         ft.build_feature_dag([torch.ones(3, 2), torch.ones(3, 3)], labels=[["a", "b"], ["c"]])
     with pytest.raises(ValueError, match="score"):
         ft.build_feature_dag([torch.ones(3, 2), torch.ones(3, 3)], score="cosine")
+
+
+def test_build_rejects_zero_tokens():
+    with pytest.raises(ValueError, match=r"acts\[0\] has no tokens \(n_tokens=0, shape \(0, 2\)\)"):
+        ft.build_feature_dag([torch.zeros(0, 2), torch.zeros(0, 3)])
 
 
 # ---------------------------------------------------------------------------- drawing

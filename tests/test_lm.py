@@ -3,6 +3,7 @@ hand computations, activation collection with early stopping, and the SmolLM2 co
 (logits against transformers' own model; loss recovered for one layer)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -136,6 +137,20 @@ def test_mean_next_token_loss_matches_cross_entropy():
         logits = model(tokens)
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, 300).double(), tokens[:, 1:].reshape(-1)).item()
     assert mean_next_token_loss(model, tokens, batch_size=3) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (3, 1)])
+def test_losses_reject_tokens_with_nothing_to_predict(shape):
+    model = HookedTransformer(tiny_cfg().hooked_config()).eval()
+    empty = torch.zeros(shape, dtype=torch.long)
+    ok = torch.tensor([[0, 1, 2]])
+    want = re.escape(f"with n_seq >= 1 and pos >= 2 (at least one token to predict), got shape {shape}")
+    with pytest.raises(ValueError, match=r"^tokens must be \[n_seq, pos\] " + want):
+        mean_next_token_loss(model, empty)
+    with pytest.raises(ValueError, match=r"^train_tokens must be \[n_seq, pos\] " + want):
+        unigram_loss(empty, ok, d_vocab=4)
+    with pytest.raises(ValueError, match=r"^heldout_tokens must be \[n_seq, pos\] " + want):
+        unigram_loss(ok, empty, d_vocab=4)
 
 
 # ---------------------------------------------------------------------------- activations

@@ -153,6 +153,22 @@ def test_random_mode_is_deterministic_per_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_independent_weights_draw_each_row_from_its_own_generator():
+    """Row i is prefix_weights(configs[i], d_sae, 1, generators[i]): the same for any other
+    instances beside it (TrainConfig.independent_instances)."""
+    cfgs = [MatryoshkaConfig(n_prefixes=5), MatryoshkaConfig(mode="fixed", prefixes=(4,)), MatryoshkaConfig(n_prefixes=3, inner_weight=0.5)]
+    plan = mat.PerInstanceMatryoshka.build(cfgs, 3)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    w = plan.independent_weights(32, gens)
+    for i, (cfg, seed) in enumerate(zip(cfgs, (1, 2, 3))):
+        assert torch.equal(w[i : i + 1], prefix_weights(cfg, 32, 1, torch.Generator().manual_seed(seed)))
+    # the last instance alone, from the same generator state
+    alone = mat.PerInstanceMatryoshka.build(cfgs[2:], 1).independent_weights(32, [torch.Generator().manual_seed(3)])
+    assert torch.equal(alone, w[2:])
+    with pytest.raises(ValueError, match=r"2 generators for 3 instances"):
+        plan.independent_weights(32, gens[:2])
+
+
 def pareto_probs(lengths, d_sae, p):
     raw = [(m / d_sae) ** p - ((m - 1) / d_sae) ** p for m in lengths]
     total = sum(raw)

@@ -224,3 +224,26 @@ def test_sparsity_metrics_reject_bad_shapes():
         l0(torch.ones(3))
     with pytest.raises(ValueError, match="threshold"):
         dead_latents(torch.ones(2, 3), threshold=1.5)
+
+
+@pytest.mark.parametrize("metric", [l0, feature_density, dead_latents])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_sparsity_metrics_reject_non_finite_acts(metric, value):
+    """NaN passes through SAE.encode unchecked (it is a plain forward), so the metrics check:
+    a NaN latent would otherwise count as active in L0 and as silent in the density."""
+    acts = torch.rand(4, 2, 3)  # [batch, inst, d_sae]
+    acts[1, 0, 2] = value
+    with pytest.raises(ValueError, match=rf"acts contains 1 NaN/inf value\(s\) \(first at index \(1, 0, 2\): {value}\)"):
+        metric(acts)
+
+
+def test_metrics_catch_nan_passed_through_encode():
+    from saelib.sae import SAE, SAEConfig
+
+    x = torch.randn(6, 5)
+    x[3, 1] = float("nan")
+    for arch, k in (("relu", None), ("topk", 2)):
+        acts = SAE(SAEConfig(d_in=5, d_sae=4, n_inst=2, architecture=arch, k=k)).encode(x)
+        assert acts[3].isnan().any()  # documented: encode does not check
+        with pytest.raises(ValueError, match=r"acts contains .* NaN/inf"):
+            l0(acts)

@@ -2,6 +2,7 @@
 broken checkpoints, atomic and deterministic writes."""
 
 import json
+import uuid
 
 import pytest
 import torch
@@ -169,6 +170,17 @@ def test_save_sae_argument_errors(tmp_path):
         save_sae(torch.nn.Linear(2, 2), tmp_path / "x")
 
 
+@pytest.mark.parametrize("name", ["W_enc", "b_enc", "W_dec", "b_dec"])
+def test_save_sae_refuses_non_finite_weights(tmp_path, name):
+    sae = build_sae("relu")
+    with torch.no_grad():
+        getattr(sae, name)[1].view(-1)[0] = float("nan")  # instance 1 only
+    with pytest.raises(ValueError, match=rf"instance 1: parameter '{name}' has 1 NaN/inf value"):
+        save_sae(sae, tmp_path / "bad", instance=1)
+    assert not (tmp_path / "bad" / WEIGHTS_FILENAME).exists()
+    assert_same_state(load_sae(save_sae(sae, tmp_path / "ok", instance=0)), sae.instance(0))  # other instance fine
+
+
 # ---------------------------------------------------------------------------- broken checkpoints
 @pytest.fixture
 def saved(tmp_path):
@@ -288,3 +300,35 @@ def test_interrupted_save_between_files_is_detected(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME])
     with pytest.raises(ValueError, match="SHA-256"):
         load_sae(folder)
+
+
+def leftover_name(target: str) -> str:
+    """A temporary file name as atomic_write_bytes makes it (``.<name>.<uuid4 hex>.tmp``)."""
+    return f".{target}.{uuid.uuid4().hex}.tmp"
+
+
+def test_next_save_removes_leftovers_of_interrupted_saves(tmp_path):
+    folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
+    stale = [folder / leftover_name(WEIGHTS_FILENAME), folder / leftover_name(CFG_FILENAME)]
+    for path in stale:  # what a save killed between writing and renaming leaves behind
+        path.write_bytes(b"\0" * 4096)
+    others = [folder / f".{WEIGHTS_FILENAME}.not-a-uuid.tmp", folder / "notes.tmp", folder / "keep.txt"]
+    for path in others:  # not ours: kept
+        path.write_bytes(b"x")
+    sae = build_sae("relu")
+    save_sae(sae, folder, instance=1)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME] + [p.name for p in others])
+    assert_same_state(load_sae(folder), sae.instance(1))
+
+
+def test_cleanup_leaves_a_write_in_progress_alone(tmp_path):
+    """A temporary file whose writer is alive (it holds the lock) is not a leftover."""
+    fcntl = pytest.importorskip("fcntl")
+    folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
+    busy = folder / leftover_name(WEIGHTS_FILENAME)
+    with open(busy, "wb") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # as atomic_write_bytes holds it until the rename
+        save_sae(build_sae("relu"), folder, instance=1)
+        assert busy.exists()
+    assert saelib.persistence.remove_stale_temp_files(folder) == [busy]  # its writer is gone now
+    assert not busy.exists()

@@ -175,6 +175,18 @@ def test_sampling_is_deterministic_per_generator_seed():
     assert not torch.equal(c1, c3)
 
 
+@pytest.mark.parametrize("method", ["sample", "sample_coefficients"])
+def test_sampling_rejects_a_bad_sample_count(method):
+    h = nabeshima_tree()
+    draw = getattr(h, method)
+    with pytest.raises(ValueError, match=r"batch \(the number of samples\) must be >= 0, got -1"):
+        draw(-1, torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"must be an int, got 2\.5"):
+        draw(2.5, torch.Generator().manual_seed(0))
+    empty = draw(0, torch.Generator().manual_seed(0))
+    assert (empty[0] if method == "sample" else empty).shape == (0, h.d if method == "sample" else h.n_features)
+
+
 def test_sample_x_is_coefficients_times_features():
     h = mixed_tree()
     x, c = h.sample(300, torch.Generator().manual_seed(0))

@@ -3,6 +3,7 @@ independence, the adaptive L1 controller, dead-latent resampling, transcoders an
 latent permutation with its Adam moments."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -111,13 +112,48 @@ def test_divergent_runs_raise():
     with pytest.raises(TrainingDivergedError, match=r"step"):
         train_sae(SAE(build_sae_cfg()), tree_data, build_train_cfg(steps=30, lr=1e4, grad_clip=None, warmup_steps=1))
 
-    def inf_data(batch, g):
-        x = tree_data(batch, g)
-        x[0, 0] = float("inf")
+
+@pytest.mark.parametrize("architecture, k", [("relu", None), ("topk", 3)])
+def test_non_finite_batch_is_bad_data_not_divergence(architecture, k):
+    """A data function that returns NaN/inf raises ValueError naming the step and the instance
+    (SAE.encode itself passes NaN through), not TrainingDivergedError."""
+
+    def nan_at_step_3_in_instance_1(batch, g, calls=[0]):
+        x = tree_data(batch, g)[:, None, :].repeat(1, 2, 1)  # [batch, inst=2, d_in]
+        if calls[0] == 3:
+            x[5, 1, 0] = float("nan")
+        calls[0] += 1
         return x
 
-    with pytest.raises(TrainingDivergedError, match=r"non-finite"):
-        train_sae(SAE(build_sae_cfg()), inf_data, build_train_cfg(steps=5))
+    sae = SAE(build_sae_cfg(architecture=architecture, k=k))
+    with pytest.raises(ValueError, match=r"non-finite input batch at step 3 for instance\(s\) \[1\].*rows \[5\]"):
+        train_sae(sae, nan_at_step_3_in_instance_1, build_train_cfg(steps=10))
+
+    def inf_target(batch, g):  # a transcoder's targets are checked too
+        x = tree_data(batch, g)
+        return x, torch.where(torch.arange(4) == 2, float("inf"), x[:, :4])
+
+    tc = SAE(build_sae_cfg(d_out=4, apply_b_dec_to_input=False, architecture=architecture, k=k))
+    with pytest.raises(ValueError, match=r"non-finite target batch at step 0 for instance\(s\) \[0, 1\]"):
+        train_sae(tc, inf_target, build_train_cfg(steps=5))
+
+
+@pytest.mark.parametrize("target_l0, bad", [(50, [0, 1]), (0.0, [0, 1]), ([2.0, 5.0], [1])])
+def test_unreachable_target_l0_is_rejected(target_l0, bad):
+    """An L0 above d_sae (or <= 0) cannot be reached: rejected up front, naming both values."""
+    sae = SAE(build_sae_cfg(d_sae=4))
+    with pytest.raises(ValueError, match=re.escape(f"target_l0={target_l0!r}") + r".*d_sae=4.*" + re.escape(f"instance(s) {bad}")):
+        train_sae(sae, tree_data, build_train_cfg(steps=2, target_l0=target_l0))
+    train_sae(sae, tree_data, build_train_cfg(steps=2, target_l0=4))  # d_sae itself is reachable
+
+
+def test_transcoder_given_one_tensor_is_rejected():
+    x = TREE.sample(100, torch.Generator().manual_seed(0))[0]
+    tc = SAE(build_sae_cfg(d_out=4, apply_b_dec_to_input=False))
+    with pytest.raises(ValueError, match=r"transcoder \(d_in=20, d_out=4\).*\(inputs, targets\).*one tensor of shape \(100, 20\)"):
+        train_sae(tc, x, build_train_cfg(steps=2))
+    with pytest.raises(ValueError, match=r"transcoder \(d_in=20, d_out=4\).*\(inputs, targets\).*one tensor of shape \(64, 20\)"):
+        train_sae(tc, tree_data, build_train_cfg(steps=2))
 
 
 def test_infinite_first_loss_names_the_instance():
@@ -163,8 +199,14 @@ def test_same_seed_same_history_and_weights():
     assert not torch.equal(p1["W_enc"], p3["W_enc"])
 
 
-def train_together_and_alone(sae_kw=None, cfg_kw=None, prepare=None):
-    """Train a 2-instance SAE, and a copy of its instance 0 on its own; return both instance 0s.
+def double_tree_data(batch, g):
+    return tree_data(batch, g).double()
+
+
+def train_together_and_alone(sae_kw=None, cfg_kw=None, prepare=None, instance=0, data=double_tree_data):
+    """Train a 2-instance SAE, and a copy of its ``instance`` on its own; return both SAEs and
+    histories (compare with :func:`assert_instance_equal`). With ``independent_instances`` the
+    lone run says which instance it is (``instance_ids=[instance]``).
 
     Runs in float64: in float32 the two runs differ by ~1e-7 from reduction order alone (e.g.
     ``mean(0)`` over a ``[batch, 2]`` vs ``[batch, 1]`` tensor), and a ReLU pre-activation that
@@ -174,24 +216,29 @@ def train_together_and_alone(sae_kw=None, cfg_kw=None, prepare=None):
     sae2 = SAE(build_sae_cfg(**(sae_kw or {})))
     if prepare is not None:
         prepare(sae2)
-    sae1 = sae2.instance(0).double()
+    sae1 = sae2.instance(instance).double()
     sae2.double()
     cfg_kw = {"steps": 150, **(cfg_kw or {})}
     cfg2 = build_train_cfg(**cfg_kw)
-    cfg1 = build_train_cfg(**{k: (v[:1] if isinstance(v, list) else v) for k, v in cfg_kw.items()})
-
-    def data(batch, g):
-        return tree_data(batch, g).double()
+    cfg1_kw = {k: (v[instance : instance + 1] if isinstance(v, list) else v) for k, v in cfg_kw.items()}
+    if cfg_kw.get("independent_instances"):
+        cfg1_kw["instance_ids"] = [instance]
+    cfg1 = build_train_cfg(**cfg1_kw)
 
     h2 = train_sae(sae2, data, cfg2)
     h1 = train_sae(sae1, data, cfg1)
     return sae2, sae1, h2, h1
 
 
-def assert_instance0_equal(sae2, sae1, h2, h1, atol=1e-9):
+def assert_instance_equal(sae2, sae1, h2, h1, atol=1e-9, instance=0):
+    """Instance ``instance`` of ``sae2`` equals the only instance of ``sae1`` (weights and MSE curve)."""
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-        torch.testing.assert_close(getattr(sae2, name)[0], getattr(sae1, name)[0], atol=atol, rtol=0, msg=name)
-    torch.testing.assert_close(h2.as_tensors()["mse"][:, 0], h1.as_tensors()["mse"][:, 0], atol=atol, rtol=0)
+        torch.testing.assert_close(getattr(sae2, name)[instance], getattr(sae1, name)[0], atol=atol, rtol=0, msg=name)
+    torch.testing.assert_close(h2.as_tensors()["mse"][:, instance], h1.as_tensors()["mse"][:, 0], atol=atol, rtol=0)
+
+
+def assert_instance0_equal(sae2, sae1, h2, h1, atol=1e-9):
+    assert_instance_equal(sae2, sae1, h2, h1, atol=atol, instance=0)
 
 
 def kill_instance1_latents(sae):
@@ -219,11 +266,116 @@ def test_training_two_instances_equals_training_instance_zero_alone(sae_kw, cfg_
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="random Matryoshka prefix lengths come from one multinomial draw over all instances "
-    "(their own generator since the data-stream fix), so instance 0's prefixes depend on n_inst",
+    reason="with independent_instances=False (the default, unchanged) random Matryoshka prefix "
+    "lengths come from one multinomial draw over all instances, so instance 0's prefixes depend on n_inst",
 )
-def test_random_matryoshka_two_instances_equals_instance_zero_alone():
+def test_random_matryoshka_shared_streams_couple_instances():
     assert_instance0_equal(*train_together_and_alone(cfg_kw={"matryoshka": MatryoshkaConfig(n_prefixes=4)}))
+
+
+STORED = TREE.sample(500, torch.Generator().manual_seed(11))[0].double()
+A_TC = torch.randn(20, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 20**0.5
+
+
+@pytest.mark.parametrize("instance", [0, 1])
+@pytest.mark.parametrize(
+    "sae_kw, cfg_kw, prepare, data",
+    [
+        ({}, {"matryoshka": MatryoshkaConfig(n_prefixes=4)}, None, double_tree_data),
+        ({}, {"matryoshka": MatryoshkaConfig(n_prefixes=4, permute_latents=True), "target_l0": [1.5, 3.0]}, None, double_tree_data),
+        ({}, {"resample_dead_every": 20}, kill_instance1_latents, double_tree_data),
+        ({}, {"l1_coeff": [0.05, 0.2]}, None, STORED),
+        ({"d_out": 4, "apply_b_dec_to_input": False}, {"l1_coeff": 0.003}, None, (STORED, STORED @ A_TC)),
+    ],
+    ids=["matryoshka_random", "matryoshka_random_permute_target_l0", "resampling", "stored_tensor", "transcoder_pair"],
+)
+def test_independent_instances_equal_each_instance_trained_alone(sae_kw, cfg_kw, prepare, data, instance):
+    """With ``independent_instances`` every instance has its own data, prefix and resampling
+    streams: instance ``i`` of a 2-instance run equals instance ``i`` trained alone
+    (``instance_ids=[i]``), including the random prefixes that couple instances by default
+    (float64; see :func:`train_together_and_alone`)."""
+    cfg_kw = {**cfg_kw, "independent_instances": True}
+    sae2, sae1, h2, h1 = train_together_and_alone(sae_kw, cfg_kw, prepare, instance=instance, data=data)
+    assert_instance_equal(sae2, sae1, h2, h1, instance=instance)
+    assert not torch.allclose(sae2.W_enc[0], sae2.W_enc[1], atol=1e-3)
+
+
+def first_instances(sae: SAE, n: int) -> SAE:
+    """A copy of the first ``n`` instances of ``sae``."""
+    out = SAE(SAEConfig.from_dict({**sae.cfg.to_dict(), "n_inst": n}))
+    with torch.no_grad():
+        for name, t in list(sae.named_parameters()) + list(sae.named_buffers()):
+            getattr(out, name).copy_(t[:n])
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg_kw",
+    [
+        {"target_l0": 1.5, "l1_warmup_frac": 0.1},
+        {"matryoshka": MatryoshkaConfig(n_prefixes=4, permute_latents=True)},
+    ],
+    ids=["relu_target_l0", "matryoshka_random_permute"],
+)
+def test_independent_instances_three_and_two_instance_runs_agree_exactly(cfg_kw):
+    """Instance 0 (and 1) of a 3-instance run equals that of a 2-instance run bit for bit, in
+    float32: with their own streams the instances get the same batches and prefixes, and on the
+    CPU (one thread) every batched kernel (bmm/einsum over instances, reductions over the batch
+    of a ``[batch, inst]`` tensor) computes one instance's slice the same way for 2 and 3
+    instances. (A lone run, ``n_inst = 1``, takes other kernel paths and agrees only to float32
+    rounding, ~1e-7 per step, which training can amplify; hence the float64 test above.)"""
+    sae3 = SAE(build_sae_cfg(n_inst=3))
+    sae2 = first_instances(sae3, 2)
+    cfg = build_train_cfg(steps=200, independent_instances=True, **cfg_kw)
+    h3, h2 = train_sae(sae3, tree_data, cfg), train_sae(sae2, tree_data, cfg)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(sae3, name)[:2], getattr(sae2, name)), name
+    assert torch.equal(h3.as_tensors()["mse"][:, :2], h2.as_tensors()["mse"])
+    assert not torch.allclose(sae3.W_enc[0], sae3.W_enc[2], atol=1e-3)
+
+
+def test_data_streams_shared_by_default_and_per_instance_when_independent():
+    """Default: one data call per step with the generator ``manual_seed(seed)``, its batch seen by
+    every instance. ``independent_instances``: one call per instance per step, each with its own
+    generator (distinct initial states, the same for the same ``(seed, instance id)``)."""
+    from saelib.train import _DATA_STREAM, _instance_generators
+
+    def recorder(calls):
+        def data(batch, g):
+            calls.append((id(g), g.get_state()))
+            return tree_data(batch, g)
+
+        return data
+
+    shared: list = []
+    train_sae(SAE(build_sae_cfg(n_inst=3)), recorder(shared), build_train_cfg(steps=4, seed=7))
+    assert len(shared) == 4 and len({i for i, _ in shared}) == 1
+    assert torch.equal(shared[0][1], torch.Generator().manual_seed(7).get_state())
+
+    own: list = []
+    train_sae(SAE(build_sae_cfg(n_inst=3)), recorder(own), build_train_cfg(steps=4, seed=7, independent_instances=True))
+    assert len(own) == 12 and len({i for i, _ in own}) == 3
+    first = [state for _, state in own[:3]]
+    want = [g.get_state() for g in _instance_generators(7, [0, 1, 2], _DATA_STREAM)]
+    assert all(torch.equal(a, b) for a, b in zip(first, want))
+    assert not any(torch.equal(first[a], first[b]) for a, b in ((0, 1), (0, 2), (1, 2)))
+    lone = [g.get_state() for g in _instance_generators(7, [2], _DATA_STREAM)]
+    assert torch.equal(lone[0], first[2])
+
+
+def test_independent_instances_checks():
+    with pytest.raises(ValueError, match=r"instance_ids needs independent_instances=True"):
+        TrainConfig(instance_ids=[0])
+    with pytest.raises(ValueError, match=r"instance_ids.*ints >= 0"):
+        TrainConfig(independent_instances=True, instance_ids=[0, -1])
+    with pytest.raises(ValueError, match=r"instance_ids has 1 ids but n_inst=2"):
+        train_sae(SAE(build_sae_cfg()), tree_data, build_train_cfg(steps=2, independent_instances=True, instance_ids=[3]))
+
+    def stacked(batch, g):  # [batch, inst, d]: not one instance's batch
+        return tree_data(batch, g)[:, None].repeat(1, 2, 1)
+
+    with pytest.raises(ValueError, match=r"one instance's batch \[batch, d\], got shape \(64, 2, 20\) at step 0"):
+        train_sae(SAE(build_sae_cfg()), stacked, build_train_cfg(steps=2, independent_instances=True))
 
 
 def test_resampling_in_instance_one_does_not_change_instance_zero():
@@ -232,14 +384,14 @@ def test_resampling_in_instance_one_does_not_change_instance_zero():
 
 def test_adaptive_l1_coefficient_follows_l0():
     eps, c0, steps = 0.01, 0.2, 40
-    cfg = build_train_cfg(steps=steps, log_every=1, l1_coeff=c0, target_l0=[0.0, 50.0, 1.0], l1_adapt_eps=eps, l1_warmup_frac=0.25)
+    cfg = build_train_cfg(steps=steps, log_every=1, l1_coeff=c0, target_l0=[1e-3, 20.0, 1.0], l1_adapt_eps=eps, l1_warmup_frac=0.25)
     hist = train_sae(SAE(build_sae_cfg(n_inst=3)), tree_data, cfg).as_tensors()
     coeff, l0 = hist["l1_coeff"].double(), hist["l0"].double()
     warm = int(0.25 * steps)  # 10
     # linear ramp before the controller starts
     for s in range(warm - 1):
         torch.testing.assert_close(coeff[s], torch.full((3,), c0 * (s + 1) / warm, dtype=torch.float64))
-    # L0 is always > 0 (above target 0) and <= 20 (below target 50): up and down every step
+    # L0 is always >= 1/64 (above target 1e-3) and < 20 = d_sae (below target 20): up and down every step
     n_updates = torch.arange(steps - warm + 1, dtype=torch.float64)  # at step warm-1: 1 update
     torch.testing.assert_close(coeff[warm - 1 :, 0], c0 * (1 + eps) ** (n_updates + 1), rtol=1e-4, atol=0)
     torch.testing.assert_close(coeff[warm - 1 :, 1], c0 * (1 - eps) ** (n_updates + 1), rtol=1e-4, atol=0)

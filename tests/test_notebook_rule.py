@@ -1,0 +1,37 @@
+"""The one checking rule of notebooks/README.md, enforced on every numbered notebook.
+
+The only output nbval compares (``# NBVAL_CHECK_OUTPUT``) is ``claims.verdicts``: no measured digit,
+so the test command passes on CPUs and GPUs that round differently.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _code_cells(path: Path) -> list[str]:
+    nb = json.loads(path.read_text())
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 8
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_checking_cells_follow_the_rule(path):
+    cells = _code_cells(path)
+    checked = [c for c in cells if c.lstrip().startswith("# NBVAL_CHECK_OUTPUT")]
+    assert len(checked) == 1, f"{path.name}: exactly one CHECK_OUTPUT cell, found {len(checked)}"
+    table, check = cells[-2], cells[-1]
+    assert check is checked[0], f"{path.name}: the CHECK_OUTPUT cell must be the last code cell"
+    assert table.lstrip().startswith("# NBVAL_IGNORE_OUTPUT") and "claims_table(claims)" in table, path.name
+    body = [line for line in check.splitlines()[1:] if line.strip()]
+    # the compared cell only asserts the claims and prints their verdicts: nothing else can print a digit
+    prints = [line for line in body if "print(" in line]
+    assert prints == ["print(cl.check_claims(claims, not_reproduced=NOT_REPRODUCED, within_noise=WITHIN_NOISE))"], \
+        f"{path.name}: prints {prints}"
+    assert not any("display(" in line or "f\"" in line and "print" in line for line in body), path.name

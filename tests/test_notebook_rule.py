@@ -35,3 +35,24 @@ def test_checking_cells_follow_the_rule(path):
     assert prints == ["print(cl.check_claims(claims, not_reproduced=NOT_REPRODUCED, within_noise=WITHIN_NOISE))"], \
         f"{path.name}: prints {prints}"
     assert not any("display(" in line or "f\"" in line and "print" in line for line in body), path.name
+
+
+def _interact_calls(source: str):
+    """(lambda argument names, keyword names) of every ``widgets.interact*(lambda ...: ..., kw=...)``."""
+    import ast
+
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr.startswith("interact") and node.args and isinstance(node.args[0], ast.Lambda)):
+            yield [a.arg for a in node.args[0].args.args], [k.arg for k in node.keywords]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_widget_lambdas_take_exactly_their_widgets(path):
+    # make figures does not execute widget cells (skip-execution); a lambda that misses one of its
+    # widgets only fails when the widget is moved, so check the names statically
+    for cell in _code_cells(path):
+        if "interact" not in cell:
+            continue
+        for args, kws in _interact_calls(cell.replace("%matplotlib inline", "")):
+            assert sorted(args) == sorted(kws), f"{path.name}: lambda takes {args}, widgets {kws}"

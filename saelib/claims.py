@@ -88,8 +88,18 @@ def seed_tolerance(values: Iterable[float]) -> float:
     half the seeds agree exactly. Raises ValueError if empty or non-finite.
     """
     arr = _values("tolerance", values)
-    mad = float(np.median(np.abs(arr - np.median(arr))))
-    return N_STANDARD_ERRORS * _SE_MEDIAN * _MAD_TO_SD * mad / math.sqrt(arr.size)
+    return N_STANDARD_ERRORS * _SE_MEDIAN * _robust_sd(arr) / math.sqrt(arr.size)
+
+
+def _robust_sd(arr: np.ndarray) -> float:
+    """``1.4826 · MAD``: the spread of one seed, robust to a stuck seed (``arr``: ``[n_seeds]``)."""
+    return _MAD_TO_SD * float(np.median(np.abs(arr - np.median(arr))))
+
+
+def _median_and_tolerance(text: str, values: Iterable[float]) -> tuple[np.ndarray, float, float]:
+    """``(values as an array, their median, seed_tolerance)``, validated under the claim's name."""
+    arr = _values(text, values)
+    return arr, float(np.median(arr)), seed_tolerance(arr)
 
 
 @dataclass(frozen=True)
@@ -138,8 +148,7 @@ def approx(text: str, values: Iterable[float], published: float, precision: floa
     """
     if precision < 0:
         raise ValueError(f"claim {text!r}: precision must be >= 0, got {precision}")
-    arr = _values(text, values)
-    med, tol = float(np.median(arr)), seed_tolerance(arr)
+    arr, med, tol = _median_and_tolerance(text, values)
     margin = tol + precision - abs(med - published)
     return Claim(text, f"≈ {published:+g}", source, med, tol, arr.size, margin >= 0, margin, tol / 2)
 
@@ -150,12 +159,10 @@ def within_seed_spread(text: str, values: Iterable[float], predicted: float, *, 
     robust standard deviations of one seed, not of the median). Raises ValueError for empty or
     non-finite values.
     """
-    arr = _values(text, values)
-    med = float(np.median(arr))
-    tol = N_STANDARD_ERRORS * _MAD_TO_SD * float(np.median(np.abs(arr - med)))
+    arr, med, tol_median = _median_and_tolerance(text, values)
+    tol = N_STANDARD_ERRORS * _robust_sd(arr)
     margin = tol - abs(med - predicted)
-    return Claim(text, f"{predicted:+.3f}", source, med, tol, arr.size, margin >= 0, margin,
-                 seed_tolerance(arr) / 2)
+    return Claim(text, f"{predicted:+.3f}", source, med, tol, arr.size, margin >= 0, margin, tol_median / 2)
 
 
 def between(text: str, values: Iterable[float], low: float, high: float, *, source: str,
@@ -167,8 +174,7 @@ def between(text: str, values: Iterable[float], low: float, high: float, *, sour
     """
     if low > high:
         raise ValueError(f"claim {text!r}: low {low} > high {high}")
-    arr = _values(text, values)
-    med, tol = float(np.median(arr)), seed_tolerance(arr)
+    arr, med, tol = _median_and_tolerance(text, values)
     margin = min(med - (low - tol), (high + tol) - med)
     return Claim(text, published or f"{low:g} to {high:g}", source, med, tol, arr.size, margin >= 0, margin,
                  tol / 2)
@@ -177,8 +183,7 @@ def between(text: str, values: Iterable[float], low: float, high: float, *, sour
 def above(text: str, values: Iterable[float], bound: float, *, source: str,
           published: str | None = None) -> Claim:
     """Claim "the median over seeds is above ``bound``": holds when ``median - tolerance > bound``."""
-    arr = _values(text, values)
-    med, tol = float(np.median(arr)), seed_tolerance(arr)
+    arr, med, tol = _median_and_tolerance(text, values)
     margin = med - tol - bound
     return Claim(text, published or f"> {bound:g}", source, med, tol, arr.size, margin > 0, margin, tol / 2)
 
@@ -186,8 +191,7 @@ def above(text: str, values: Iterable[float], bound: float, *, source: str,
 def below(text: str, values: Iterable[float], bound: float, *, source: str,
           published: str | None = None) -> Claim:
     """Claim "the median over seeds is below ``bound``": holds when ``median + tolerance < bound``."""
-    arr = _values(text, values)
-    med, tol = float(np.median(arr)), seed_tolerance(arr)
+    arr, med, tol = _median_and_tolerance(text, values)
     margin = bound - med - tol
     return Claim(text, published or f"< {bound:g}", source, med, tol, arr.size, margin > 0, margin, tol / 2)
 

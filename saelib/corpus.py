@@ -12,6 +12,11 @@ tokens, the documents of a split are joined into one stream with the end-of-text
 them, and the stream is cut into pieces of ``n_ctx - 1`` tokens; each piece is prefixed with the
 BOS token (the same end-of-text token), so position 0 of every sequence is BOS.
 
+Document-aligned sequences (:func:`tokenize_documents`, used with pretrained models): one row per
+document, BOS then the document's first ``n_ctx - 1`` tokens, right-padded; no document spans two
+rows and no row holds two documents, so a token's position is its position in its document
+(position 0 is BOS, position 1 the document's first token).
+
 Caches live under :func:`cache_dir` (``$SAELIB_CACHE_DIR`` or ``~/.cache/saelib``), are named by a
 hash of everything that determines their content, and are written atomically (temporary file,
 then ``os.replace``, :func:`saelib.persistence.atomic_write_bytes`).
@@ -49,6 +54,8 @@ __all__ = [
     "split_documents",
     "train_bpe_tokenizer",
     "tokenize_to_sequences",
+    "DocumentTokens",
+    "tokenize_documents",
     "load_corpus",
 ]
 
@@ -208,6 +215,109 @@ def tokenize_to_sequences(
     body = torch.tensor(stream[: n_seq * piece], dtype=torch.long).view(n_seq, piece)
     bos = torch.full((n_seq, 1), bos_id, dtype=torch.long)
     return torch.cat([bos, body], dim=1)
+
+
+@dataclass(frozen=True)
+class DocumentTokens:
+    """Document-aligned token sequences (see the module docstring).
+
+    Attributes:
+        tokens: ``[n_docs, max_len]`` int64; row ``i`` is BOS followed by document ``i``'s first
+            ``lengths[i] - 1`` tokens, then ``pad_id`` up to ``max_len`` (the longest row).
+        lengths: ``[n_docs]`` int64, valid tokens per row, BOS included (>= 2).
+        titles: the document titles, one per row.
+        pad_id: the id written after a row's end (never read as a token: use :attr:`mask`).
+        truncated: ``[n_docs]`` bool, True for documents cut at ``n_ctx`` tokens (their tail is
+            not used).
+    """
+
+    tokens: Int[Tensor, "n_docs max_len"]
+    lengths: Int[Tensor, " n_docs"]
+    titles: tuple[str, ...]
+    pad_id: int
+    truncated: Tensor
+
+    @property
+    def n_truncated(self) -> int:
+        """Documents cut at ``n_ctx`` tokens."""
+        return int(self.truncated.sum())
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    @property
+    def mask(self) -> Tensor:
+        """``[n_docs, max_len]`` bool, True at the valid positions (BOS included)."""
+        return torch.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+    @property
+    def n_tokens(self) -> int:
+        """Valid tokens, BOS included."""
+        return int(self.lengths.sum())
+
+    def fingerprint(self) -> str:
+        """Hash of the valid tokens of every row and the titles (16 hex characters)."""
+        h = hashlib.sha256()
+        for row, n, title in zip(self.tokens, self.lengths.tolist(), self.titles):
+            h.update(title.encode() + b"\x00")
+            h.update(row[:n].to(torch.int64).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def subset(self, rows: Sequence[int] | Tensor) -> "DocumentTokens":
+        """The documents ``rows`` (in that order), trimmed to their longest row."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if len(rows) == 0:
+            raise ValueError("subset needs at least one row")
+        lengths = self.lengths[rows]
+        tokens = self.tokens[rows, : int(lengths.max())]
+        titles = tuple(self.titles[i] for i in rows.tolist())
+        return DocumentTokens(tokens, lengths, titles, self.pad_id, self.truncated[rows])
+
+
+def tokenize_documents(
+    texts: Sequence[str],
+    tokenizer: Tokenizer,
+    bos_id: int,
+    n_ctx: int,
+    titles: Sequence[str] | None = None,
+    max_docs: int | None = None,
+) -> DocumentTokens:
+    """Encode each text (no special tokens) into its own row: BOS + its first ``n_ctx - 1``
+    tokens, right-padded with ``bos_id`` (see :class:`DocumentTokens`). Texts that encode to no
+    token are skipped. ``max_docs`` keeps the first documents.
+
+    Raises ValueError if ``n_ctx`` < 2, ``titles`` and ``texts`` differ in length, or no text
+    gives a token.
+    """
+    if n_ctx < 2:
+        raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
+    if titles is not None and len(titles) != len(texts):
+        raise ValueError(f"{len(titles)} titles for {len(texts)} texts")
+    if max_docs is not None and max_docs < 1:
+        raise ValueError(f"max_docs must be >= 1 or None, got {max_docs}")
+    titles = list(titles) if titles is not None else [str(i) for i in range(len(texts))]
+    rows: list[list[int]] = []
+    kept: list[str] = []
+    truncated: list[bool] = []
+    for start in range(0, len(texts), 256):
+        encs = tokenizer.encode_batch(list(texts[start : start + 256]), add_special_tokens=False)
+        for enc, title in zip(encs, titles[start : start + 256]):
+            if not enc.ids:
+                continue
+            truncated.append(len(enc.ids) > n_ctx - 1)
+            rows.append([bos_id] + enc.ids[: n_ctx - 1])
+            kept.append(title)
+            if max_docs is not None and len(rows) == max_docs:
+                break
+        if max_docs is not None and len(rows) == max_docs:
+            break
+    if not rows:
+        raise ValueError("no text gave a token")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    tokens = torch.full((len(rows), int(lengths.max())), bos_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return DocumentTokens(tokens, lengths, tuple(kept), bos_id, torch.tensor(truncated, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------- corpus

@@ -4,7 +4,11 @@ contexts where a latent fires most and where it fires weakly (the bottom 10 % of
 whether its activation depends on token position or it fires on nearly every token but BOS.
 
 Latent activations are passed as ``[n_seq, pos, d_sae]`` (or ``[n_seq, pos]`` for one latent)
-with the matching ``tokens [n_seq, pos]``; position 0 is BOS (see :mod:`saelib.corpus`).
+with the matching ``tokens [n_seq, pos]``; position 0 is BOS (see :mod:`saelib.corpus`). For
+document-aligned rows of unequal length (:class:`saelib.corpus.DocumentTokens`) pass their
+``mask [n_seq, pos]`` (True at valid positions): padding then counts nowhere (densities, position
+profiles, BOS statistics) and context windows stop at the document's end. Position is then the
+position in the document.
 Contexts render as highlighted tokens, both as HTML (for notebooks) and as a matplotlib figure
 (for ``figures/``), from the same :class:`Context` objects.
 """
@@ -76,6 +80,16 @@ def _check_single(latent_acts: Tensor, tokens: Tensor) -> None:
         )
 
 
+def _mask(shape: tuple[int, ...], mask: Tensor | None) -> Tensor:
+    """The ``[n_seq, pos]`` validity mask (all True when ``mask`` is None). Raises ValueError on
+    a shape mismatch."""
+    if mask is None:
+        return torch.ones(shape[:2], dtype=torch.bool)
+    if tuple(mask.shape) != tuple(shape[:2]):
+        raise ValueError(f"mask must be [n_seq, pos] = {tuple(shape[:2])}, got {tuple(mask.shape)}")
+    return mask.bool()
+
+
 @torch.no_grad()
 def sequence_latents(
     sae: "SAE", acts: Float[Tensor, "n_seq pos d_in"], scale: float = 1.0, instance: int = 0, batch_size: int = 8192
@@ -93,13 +107,20 @@ def sequence_latents(
     return out.view(acts.shape[0], acts.shape[1], -1)
 
 
-def latent_density(acts: Float[Tensor, "n_seq pos d_sae"], drop_bos: bool = True) -> Float[Tensor, " d_sae"]:
-    """Feature density: fraction of tokens (BOS excluded when ``drop_bos``) where each latent is > 0."""
+def latent_density(
+    acts: Float[Tensor, "n_seq pos d_sae"], drop_bos: bool = True, mask: Tensor | None = None
+) -> Float[Tensor, " d_sae"]:
+    """Feature density: fraction of the valid tokens (``mask``; BOS excluded when ``drop_bos``)
+    where each latent is > 0."""
     if acts.ndim != 3:
         raise ValueError(f"acts must be [n_seq, pos, d_sae], got shape {tuple(acts.shape)}")
+    valid = _mask(acts.shape, mask).clone()
     if drop_bos:
-        acts = acts[:, 1:]
-    return (acts > 0).float().mean(dim=(0, 1))
+        valid[:, 0] = False
+    n = int(valid.sum())
+    if n == 0:
+        raise ValueError("no valid token to compute a density over")
+    return (acts > 0)[valid].float().sum(0) / n
 
 
 def dense_latents(density: Float[Tensor, " d_sae"], threshold: float = 0.1) -> Int[Tensor, " n_dense"]:
@@ -114,8 +135,10 @@ def dense_latents(density: Float[Tensor, " d_sae"], threshold: float = 0.1) -> I
     return idx[order]
 
 
-def _context(latent_acts: Tensor, tokens: Tensor, decode: Decoder, seq: int, pos: int, window: tuple[int, int]) -> Context:
-    lo, hi = max(0, pos - window[0]), min(tokens.shape[1], pos + window[1] + 1)
+def _context(
+    latent_acts: Tensor, tokens: Tensor, decode: Decoder, seq: int, pos: int, window: tuple[int, int], end: int | None = None
+) -> Context:
+    lo, hi = max(0, pos - window[0]), min(tokens.shape[1] if end is None else end, pos + window[1] + 1)
     return Context(
         seq=seq,
         pos=pos,
@@ -133,17 +156,22 @@ def top_contexts(
     k: int = 8,
     window: tuple[int, int] = (12, 3),
     skip_bos: bool = True,
+    mask: Tensor | None = None,
 ) -> list[Context]:
     """The ``k`` firings with the largest activation (ties by position in the data), each with
-    ``window = (tokens before, tokens after)``. Fewer if the latent fires less than ``k`` times."""
+    ``window = (tokens before, tokens after)``, cut at the document's end. Fewer if the latent
+    fires less than ``k`` times."""
     _check_single(latent_acts, tokens)
-    a = latent_acts.clone()
+    valid = _mask(latent_acts.shape, mask)
+    a = latent_acts.masked_fill(~valid, 0)
     if skip_bos:
         a[:, 0] = 0
     flat = a.flatten()
     n = min(k, int((flat > 0).sum()))
     idx = torch.argsort(-flat, stable=True)[:n]
-    return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window) for i in idx]
+    ends = valid.sum(1)
+    return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window,
+                     int(ends[int(i) // a.shape[1]])) for i in idx]
 
 
 def bottom_contexts(
@@ -155,6 +183,7 @@ def bottom_contexts(
     window: tuple[int, int] = (12, 3),
     skip_bos: bool = True,
     seed: int = 0,
+    mask: Tensor | None = None,
 ) -> list[Context]:
     """``k`` firings drawn uniformly (seeded) among those with ``0 < act <= frac * max act``,
     sorted by activation, largest first. Empty if there are none.
@@ -164,7 +193,8 @@ def bottom_contexts(
     _check_single(latent_acts, tokens)
     if not (0.0 < frac <= 1.0):
         raise ValueError(f"frac must be in (0, 1], got {frac!r}")
-    a = latent_acts.clone()
+    valid = _mask(latent_acts.shape, mask)
+    a = latent_acts.masked_fill(~valid, 0)
     if skip_bos:
         a[:, 0] = 0
     flat = a.flatten()
@@ -175,40 +205,57 @@ def bottom_contexts(
     g = torch.Generator().manual_seed(seed)
     pick = cand[torch.randperm(len(cand), generator=g)[:k]]
     pick = pick[torch.argsort(-flat[pick], stable=True)]
-    return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window) for i in pick]
+    ends = valid.sum(1)
+    return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window,
+                     int(ends[int(i) // a.shape[1]])) for i in pick]
 
 
-def position_profile(latent_acts: Float[Tensor, "n_seq pos"]) -> dict[str, Float[Tensor, " pos"]]:
-    """Per position: ``"mean"`` activation, ``"freq"`` firing frequency, ``"q90"`` 90th percentile."""
+def position_profile(latent_acts: Float[Tensor, "n_seq pos"], mask: Tensor | None = None) -> dict[str, Float[Tensor, " pos"]]:
+    """Per position, over the rows valid there: ``"mean"`` activation, ``"freq"`` firing
+    frequency, ``"q90"`` 90th percentile, ``"count"`` rows (NaN where no row reaches the position)."""
     if latent_acts.ndim != 2:
         raise ValueError(f"latent_acts must be [n_seq, pos], got {tuple(latent_acts.shape)}")
+    valid = _mask(latent_acts.shape, mask)
+    a = latent_acts.float().masked_fill(~valid, float("nan"))
     return {
-        "mean": latent_acts.mean(0),
-        "freq": (latent_acts > 0).float().mean(0),
-        "q90": latent_acts.quantile(0.9, dim=0),
+        "mean": a.nanmean(0),
+        "freq": ((latent_acts > 0) & valid).float().sum(0) / valid.sum(0),
+        "q90": a.nanquantile(0.9, dim=0),
+        "count": valid.sum(0).float(),
     }
 
 
-def position_dependence(latent_acts: Float[Tensor, "n_seq pos"], skip_bos: bool = True) -> float:
+def position_dependence(latent_acts: Float[Tensor, "n_seq pos"], skip_bos: bool = True, mask: Tensor | None = None) -> float:
     """Fraction of the activation's variance explained by token position (the correlation ratio
-    eta², between-position variance of the per-position means over the total variance), BOS
-    excluded when ``skip_bos``: 0 = position-independent, 1 = a function of position alone.
-    Returns 0 for a latent that never varies."""
-    a = latent_acts[:, 1:] if skip_bos else latent_acts
-    a = a.double()
-    total = a.var(unbiased=False)
+    eta² = sum_p n_p (mean_p - mean)² / sum (a - mean)², over the valid tokens, BOS excluded when
+    ``skip_bos``): 0 = position-independent, 1 = a function of position alone. Returns 0 for a
+    latent that never varies."""
+    valid = _mask(latent_acts.shape, mask).clone()
+    if skip_bos:
+        valid[:, 0] = False
+    a = latent_acts.double().masked_fill(~valid, 0.0)
+    n_p = valid.sum(0).double()  # [pos]
+    n = float(n_p.sum())
+    if n == 0:
+        return 0.0
+    mean = float(a.sum()) / n
+    total = float(((a - mean).pow(2) * valid).sum())
     if total <= 0:
         return 0.0
-    between = a.mean(0).var(unbiased=False)  # equal counts per position
-    return float(between / total)
+    sums = a.sum(0)
+    has = n_p > 0
+    between = float((n_p[has] * (sums[has] / n_p[has] - mean).pow(2)).sum())
+    return between / total
 
 
-def bos_profile(latent_acts: Float[Tensor, "n_seq pos"]) -> dict[str, float]:
-    """Firing frequency at BOS (position 0) and on all other tokens: a latent that fires on
+def bos_profile(latent_acts: Float[Tensor, "n_seq pos"], mask: Tensor | None = None) -> dict[str, float]:
+    """Firing frequency at BOS (position 0) and on all other valid tokens: a latent that fires on
     nearly every token but BOS has ``"non_bos"`` near 1 and ``"bos"`` near 0."""
+    valid = _mask(latent_acts.shape, mask)
+    rest = valid[:, 1:]
     return {
         "bos": float((latent_acts[:, 0] > 0).float().mean()),
-        "non_bos": float((latent_acts[:, 1:] > 0).float().mean()),
+        "non_bos": float(((latent_acts[:, 1:] > 0) & rest).sum() / rest.sum().clamp(min=1)),
     }
 
 
@@ -246,8 +293,10 @@ def examine_latents(
     k: int = 8,
     frac: float = 0.1,
     seed: int = 0,
+    mask: Tensor | None = None,
 ) -> list[LatentReport]:
-    """A :class:`LatentReport` for each of ``latents`` (e.g. every dense latent).
+    """A :class:`LatentReport` for each of ``latents`` (e.g. every dense latent); ``mask`` as in
+    the module docstring.
 
     Raises ValueError if ``acts`` and ``tokens`` disagree in shape or a latent is out of range.
     """
@@ -257,8 +306,8 @@ def examine_latents(
     for j in latents:
         if not (0 <= int(j) < acts.shape[2]):
             raise ValueError(f"latent {j} out of range for d_sae={acts.shape[2]}")
-        a = acts[:, :, int(j)]
-        bos = bos_profile(a)
+        a = acts[:, :, int(j)].masked_fill(~_mask(acts.shape, mask), 0)
+        bos = bos_profile(a, mask)
         flat = a[:, 1:].flatten()
         top_idx = torch.argsort(-flat, stable=True)[: min(50, int((flat > 0).sum()))]
         top_ids = tokens[:, 1:].flatten()[top_idx].tolist()
@@ -271,10 +320,10 @@ def examine_latents(
                 latent=int(j),
                 density=bos["non_bos"],
                 bos_freq=bos["bos"],
-                position_eta2=position_dependence(a),
+                position_eta2=position_dependence(a, mask=mask),
                 max_act=float(flat.max()) if flat.numel() else 0.0,
-                top=top_contexts(a, tokens, decode, k=k),
-                bottom=bottom_contexts(a, tokens, decode, k=k, frac=frac, seed=seed),
+                top=top_contexts(a, tokens, decode, k=k, mask=mask),
+                bottom=bottom_contexts(a, tokens, decode, k=k, frac=frac, seed=seed, mask=mask),
                 top_tokens=[(decode([t])[0], c) for t, c in common],
             )
         )
@@ -317,10 +366,12 @@ def reports_html(reports: Sequence[LatentReport], frac: float = 0.1, title: str 
 
 
 def plot_position_profiles(
-    acts: Float[Tensor, "n_seq pos d_sae"], latents: Sequence[int], n_cols: int = 4
+    acts: Float[Tensor, "n_seq pos d_sae"], latents: Sequence[int], n_cols: int = 4, mask: Tensor | None = None,
+    min_count: int = 20,
 ) -> Figure:
     """Small multiples, one per latent: mean activation (and firing frequency, right axis)
-    against token position, position 0 being BOS."""
+    against token position, position 0 being BOS; positions reached by fewer than ``min_count``
+    rows are not drawn."""
     n = max(1, len(latents))
     n_rows = (n + n_cols - 1) // n_cols
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.2 * n_rows), squeeze=False)
@@ -329,16 +380,18 @@ def plot_position_profiles(
         ax.set_visible(False)
     for ax, j in zip(axes.flat, latents):
         ax.set_visible(True)
-        prof = position_profile(acts[:, :, int(j)])
-        ax.plot(pos, prof["mean"].numpy(), color="C3", lw=1)
-        ax.set_title(f"latent {int(j)} (eta²={position_dependence(acts[:, :, int(j)]):.2f})", fontsize=8)
+        prof = position_profile(acts[:, :, int(j)], mask)
+        keep = (prof["count"] >= min_count).numpy()
+        prof = {k: v.numpy()[keep] for k, v in prof.items()}
+        ax.plot(pos[keep], prof["mean"], color="C3", lw=1)
+        ax.set_title(f"latent {int(j)} (eta²={position_dependence(acts[:, :, int(j)], mask=mask):.2f})", fontsize=8)
         ax.tick_params(labelsize=7)
         ax2 = ax.twinx()
-        ax2.plot(pos, prof["freq"].numpy(), color="C0", lw=0.8, alpha=0.7)
+        ax2.plot(pos[keep], prof["freq"], color="C0", lw=0.8, alpha=0.7)
         ax2.set_ylim(0, 1.05)
         ax2.tick_params(labelsize=7, colors="C0")
     for ax in axes[-1]:
-        ax.set_xlabel("position (0 = BOS)", fontsize=8)
+        ax.set_xlabel("position in document (0 = BOS)", fontsize=8)
     fig.suptitle("mean activation (red) and firing frequency (blue, right axis) against position", fontsize=9)
     fig.tight_layout()
     return fig
@@ -435,30 +488,36 @@ def plot_latent_report(
     k: int = 8,
     frac: float = 0.1,
     seed: int = 0,
+    mask: Tensor | None = None,
+    min_count: int = 20,
 ) -> Figure:
     """One latent at a glance: top contexts, contexts from the bottom ``frac`` of its maximum
-    activation (shared colour scale), and mean activation / firing frequency against position."""
-    top = top_contexts(latent_acts, tokens, decode, k=k)
-    bottom = bottom_contexts(latent_acts, tokens, decode, k=k, frac=frac, seed=seed)
-    prof = position_profile(latent_acts)
-    bos = bos_profile(latent_acts)
+    activation (shared colour scale), and mean activation / firing frequency against position
+    in the document (positions reached by fewer than ``min_count`` rows not drawn)."""
+    latent_acts = latent_acts.masked_fill(~_mask(latent_acts.shape, mask), 0)
+    top = top_contexts(latent_acts, tokens, decode, k=k, mask=mask)
+    bottom = bottom_contexts(latent_acts, tokens, decode, k=k, frac=frac, seed=seed, mask=mask)
+    prof = position_profile(latent_acts, mask)
+    keep = (prof["count"] >= min_count).numpy()
+    prof = {key: v.numpy()[keep] for key, v in prof.items()}
+    bos = bos_profile(latent_acts, mask)
     max_act = max(float(latent_acts[:, 1:].max()), 1e-8)
     fig = plt.figure(figsize=(12, 0.32 * (len(top) + len(bottom)) + 3.6))
     gs = fig.add_gridspec(3, 1, height_ratios=[max(1, len(top)), max(1, len(bottom)), 7.0])
     _draw_contexts(fig.add_subplot(gs[0]), top, f"{title}  top activations", max_act, 110)
     _draw_contexts(fig.add_subplot(gs[1]), bottom, f"bottom {frac:.0%} of max ({max_act:.2f})", max_act, 110)
     ax = fig.add_subplot(gs[2])
-    pos = np.arange(latent_acts.shape[1])
-    ax.plot(pos, prof["mean"].numpy(), color="C3", label="mean activation")
-    ax.plot(pos, prof["q90"].numpy(), color="C3", ls=":", label="90th percentile")
-    ax.set_xlabel("token position (0 = BOS)")
+    pos = np.arange(latent_acts.shape[1])[keep]
+    ax.plot(pos, prof["mean"], color="C3", label="mean activation")
+    ax.plot(pos, prof["q90"], color="C3", ls=":", label="90th percentile")
+    ax.set_xlabel("position in document (0 = BOS)")
     ax.set_ylabel("activation")
     ax2 = ax.twinx()
-    ax2.plot(pos, prof["freq"].numpy(), color="C0", label="firing frequency")
+    ax2.plot(pos, prof["freq"], color="C0", label="firing frequency")
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("firing frequency", color="C0")
     ax.set_title(
-        f"position dependence eta²={position_dependence(latent_acts):.2f}; fires on BOS {bos['bos']:.0%}, "
+        f"position dependence eta²={position_dependence(latent_acts, mask=mask):.2f}; fires on BOS {bos['bos']:.0%}, "
         f"on other tokens {bos['non_bos']:.0%}",
         fontsize=9,
     )

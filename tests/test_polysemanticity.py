@@ -181,3 +181,41 @@ def test_reports_html_standalone_page():
     page = reports_html(reps, title="L1 <SAE>")
     assert page.startswith("<!DOCTYPE html>") and "<title>L1 &lt;SAE&gt;</title>" in page and "CC BY-SA 4.0" in page
     assert reports_html(reps) in page
+
+
+def test_mask_keeps_padding_out_of_every_statistic():
+    # two documents of lengths 4 and 2, padded to 4 (pads hold 0, as pad_by_document writes)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    acts = torch.zeros(2, 4, 2)
+    acts[0, 1:, 0] = 1.0  # latent 0 fires on all 3 non-BOS tokens of doc 0 ...
+    acts[1, 1, 0] = 1.0  # ... and on the only non-BOS token of doc 1: every valid token
+    acts[0, 2, 1] = 3.0
+    # 4 valid non-BOS tokens; without the mask the 2 pads would count as silent tokens
+    assert torch.allclose(latent_density(acts, mask=mask), torch.tensor([1.0, 0.25]))
+    assert torch.allclose(latent_density(acts), torch.tensor([4 / 6, 1 / 6]))
+    assert bos_profile(acts[:, :, 0], mask) == {"bos": 0.0, "non_bos": 1.0}
+    prof = position_profile(acts[:, :, 1], mask)
+    assert prof["count"].tolist() == [2, 2, 1, 1]
+    assert prof["mean"].tolist() == [0.0, 0.0, 3.0, 0.0] and prof["freq"].tolist() == [0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="mask"):
+        latent_density(acts, mask=mask[:, :3])
+
+
+def test_position_dependence_with_unequal_counts_by_hand():
+    # valid non-BOS values: position 1 -> [1, 3], position 2 -> [5] (doc 1 ends after position 1)
+    a = torch.tensor([[0.0, 1.0, 5.0], [0.0, 3.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    mean = 3.0
+    total = (1 - mean) ** 2 + (3 - mean) ** 2 + (5 - mean) ** 2  # 8
+    between = 2 * (2 - mean) ** 2 + 1 * (5 - mean) ** 2  # 6
+    assert position_dependence(a, mask=mask) == pytest.approx(between / total)
+
+
+def test_contexts_stop_at_the_document_end():
+    tokens = torch.tensor([[0, 1, 2, 3, 4], [0, 5, 6, 0, 0]])
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    acts = torch.zeros(2, 5)
+    acts[1, 2] = 2.0
+    acts[1, 4] = 9.0  # a pad position: never a context
+    (ctx,) = top_contexts(acts, tokens, decode, k=3, window=(5, 3), mask=mask)
+    assert (ctx.seq, ctx.pos) == (1, 2) and ctx.tokens == ["t0", "t5", "t6"]

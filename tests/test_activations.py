@@ -1,0 +1,189 @@
+"""Tests for document-aligned token rows (saelib.corpus.tokenize_documents) and the activation
+harvest / cache / sampler (saelib.activations), on a tiny randomly initialised transformer with
+LayerNorm (so padding invariance is tested through normalisation, attention and MLPs)."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
+
+from saelib.activations import ActivationStore, harvest_activations, model_fingerprint, pad_by_document
+from saelib.corpus import tokenize_documents
+from saelib.lm import LanguageModel
+
+WORDS = ["<|endoftext|>", "a", "b", "c", "d", "e", "f", "g"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+def tiny_lm(tokenizer, seed=0) -> LanguageModel:
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(n_layers=3, d_model=8, d_head=4, n_heads=2, d_mlp=16, d_vocab=len(WORDS), n_ctx=16,
+                                  act_fn="gelu", normalization_type="LN", seed=seed)
+    model = HookedTransformer(cfg).eval()
+    return LanguageModel("tiny", model, tokenizer, 0, {})
+
+
+TEXTS = ["a b c d e f", "g", "b b b b b b b b b b b b b b b b b b b b", "", "c d"]
+
+
+def test_tokenize_documents_rows_start_with_bos_and_never_mix_documents(tokenizer):
+    docs = tokenize_documents(TEXTS, tokenizer, bos_id=0, n_ctx=8, titles=["t0", "t1", "t2", "t3", "t4"])
+    assert docs.titles == ("t0", "t1", "t2", "t4")  # the empty text is skipped
+    assert docs.lengths.tolist() == [7, 2, 8, 3]  # BOS + tokens, the long one cut at n_ctx
+    assert docs.truncated.tolist() == [False, False, True, False] and docs.n_truncated == 1
+    assert docs.tokens.shape == (4, 8)
+    assert docs.tokens[0, :7].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert docs.tokens[1, :2].tolist() == [0, 7]
+    assert docs.tokens[:, 0].tolist() == [0, 0, 0, 0]
+    assert docs.mask.sum(1).tolist() == [7, 2, 8, 3] and docs.n_tokens == 20
+    sub = docs.subset([3, 1])
+    assert sub.titles == ("t4", "t1") and sub.tokens.shape == (2, 3) and sub.tokens[0].tolist() == [0, 3, 4]
+    assert sub.fingerprint() != docs.fingerprint()
+    assert tokenize_documents(TEXTS, tokenizer, 0, 8, max_docs=2).titles == ("0", "1")
+
+
+def test_tokenize_documents_errors(tokenizer):
+    with pytest.raises(ValueError, match="n_ctx"):
+        tokenize_documents(TEXTS, tokenizer, 0, 1)
+    with pytest.raises(ValueError, match="titles"):
+        tokenize_documents(TEXTS, tokenizer, 0, 8, titles=["x"])
+    with pytest.raises(ValueError, match="no text"):
+        tokenize_documents(["", ""], tokenizer, 0, 8)
+
+
+def test_pad_by_document_round_trip():
+    lengths = torch.tensor([3, 1, 2])
+    values = torch.arange(6.0)[:, None] * torch.ones(1, 2)
+    out = pad_by_document(values, lengths)
+    assert out.shape == (3, 3, 2)
+    assert out[:, :, 0].tolist() == [[0, 1, 2], [3, 0, 0], [4, 5, 0]]
+    with pytest.raises(ValueError, match="5 rows"):
+        pad_by_document(values[:5], lengths)
+
+
+def test_harvest_matches_each_document_alone_in_document_order(tokenizer, cache):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    hooks = [utils.get_act_name("resid_post", 0), utils.get_act_name("normalized", 1, "ln2")]
+    # 8 tokens per batch: several rows of different lengths padded together
+    store = harvest_activations(lm, docs, hooks, tokens_per_batch=8, progress=False)
+    assert store.n_tokens == docs.n_tokens
+    assert store.doc.tolist() == [0] * 7 + [1] * 2 + [2] * 8 + [3] * 3
+    assert store.pos.tolist() == list(range(7)) + [0, 1] + list(range(8)) + [0, 1, 2]
+    assert store.tokens.tolist() == docs.tokens[docs.mask].tolist()
+    for i in range(len(docs)):
+        n = int(docs.lengths[i])
+        _, cache_i = lm.model.run_with_cache(docs.tokens[i : i + 1, :n])
+        for h in hooks:
+            got = store[h][store.doc == i]
+            assert torch.allclose(got, cache_i[h][0], atol=1e-5), (i, h)
+    padded = store.padded(hooks[0])
+    assert padded.shape == (4, 8, 8) and torch.equal(padded[1, 2:], torch.zeros(6, 8))
+
+
+def test_harvest_stops_after_the_deepest_hook_and_reads_the_cache(tokenizer, cache, monkeypatch):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    hook = utils.get_act_name("resid_post", 0)
+    calls = []
+    lm.model.blocks[1].hook_resid_pre.add_hook(lambda act, hook: calls.append(1))  # block 1 must never run
+    first = harvest_activations(lm, docs, [hook], progress=False)
+    lm.model.reset_hooks()
+    assert calls == [] and first.meta["stop_at_layer"] == 1
+    assert first.meta["n_tokens"] == docs.n_tokens and first.meta["tokens_per_s"] > 0
+
+    def boom(*a, **k):
+        raise AssertionError("the model ran although the activations are cached")
+
+    monkeypatch.setattr(lm.model, "run_with_hooks", boom)
+    again = harvest_activations(lm, docs, [hook], progress=False)
+    assert again.folder == first.folder and torch.equal(again[hook], first[hook])
+    # another document set, hook or dtype is another cache entry (and so runs the model)
+    for kwargs in ({"docs": docs.subset([0, 1])}, {"hooks": [utils.get_act_name("resid_post", 1)]},
+                   {"dtype": torch.float16}):
+        args = {"docs": docs, "hooks": [hook], **kwargs}
+        with pytest.raises(AssertionError, match="cached"):
+            harvest_activations(lm, args["docs"], args["hooks"], dtype=kwargs.get("dtype", torch.float32), progress=False)
+    # changed weights: another entry too
+    other = tiny_lm(tokenizer, seed=1)
+    assert model_fingerprint(other.model) != model_fingerprint(lm.model)
+
+
+def test_interrupted_harvest_leaves_no_finished_folder(tokenizer, cache, monkeypatch):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    real = lm.model.run_with_hooks
+    n = []
+
+    def fail_second(*a, **k):
+        n.append(1)
+        if len(n) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(lm.model, "run_with_hooks", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        harvest_activations(lm, docs, [utils.get_act_name("resid_post", 0)], tokens_per_batch=8, progress=False)
+    assert list(cache.glob("acts-*")) == []
+
+
+def test_sampler_scales_and_skips_bos_and_moments_match(tokenizer, cache):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    h_in, h_out = utils.get_act_name("normalized", 1, "ln2"), utils.get_act_name("mlp_out", 1)
+    store = harvest_activations(lm, docs, [h_in, h_out], progress=False)
+    rows = store.rows()
+    assert torch.equal(store.pos[rows] > 0, torch.ones(len(rows), dtype=torch.bool))
+    x = store[h_in][rows].double()
+    mom = store.moments(h_in)
+    assert torch.allclose(mom["mean"].double(), x.mean(0), atol=1e-6)
+    assert mom["mean_sq_norm"] == pytest.approx(float(x.pow(2).sum(-1).mean()), rel=1e-9)
+    c = store.normalisation_scale(h_in)
+    assert float((c * x).pow(2).sum(-1).mean()) == pytest.approx(x.shape[1], rel=1e-6)
+    sample = store.sampler(h_in, scale=2.0, target_hook=h_out, target_scale=3.0)
+    xb, yb = sample(64, torch.Generator().manual_seed(0))
+    assert xb.shape == (64, 8) and yb.shape == (64, 8) and xb.dtype == torch.float32
+    # every drawn row is a non-BOS stored row, scaled, and the pair stays aligned
+    src_x, src_y = store[h_in][rows], store[h_out][rows]
+    for xr, yr in zip(xb, yb):
+        j = int(((src_x * 2.0 - xr).abs().sum(-1)).argmin())
+        assert torch.allclose(xr, 2.0 * src_x[j], atol=1e-6) and torch.allclose(yr, 3.0 * src_y[j], atol=1e-6)
+    with pytest.raises(KeyError, match="not in this store"):
+        store["blocks.0.hook_mlp_out"]
+
+
+def test_harvest_rejects_bad_input(tokenizer, cache):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    with pytest.raises(ValueError, match="not in the model"):
+        harvest_activations(lm, docs, ["blocks.9.hook_mlp_out"], progress=False)
+    with pytest.raises(ValueError, match="at least one hook"):
+        harvest_activations(lm, docs, [], progress=False)
+    with pytest.raises(ValueError, match="dtype"):
+        harvest_activations(lm, docs, ["blocks.0.hook_mlp_out"], dtype=torch.int32, progress=False)
+    with pytest.raises(ValueError, match="longest row"):
+        harvest_activations(lm, docs, ["blocks.0.hook_mlp_out"], tokens_per_batch=4, progress=False)
+
+
+def test_store_reopens_from_its_folder(tokenizer, cache):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    store = harvest_activations(lm, docs, ["blocks.0.hook_mlp_out"], progress=False)
+    meta = json.loads((store.folder / "meta.json").read_text())
+    assert meta["hooks"] == ["blocks.0.hook_mlp_out"] and meta["documents_fingerprint"] == docs.fingerprint()
+    again = ActivationStore.open(store.folder)
+    assert torch.equal(again["blocks.0.hook_mlp_out"], store["blocks.0.hook_mlp_out"])

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ActivationStore",
     "harvest_activations",
+    "length_batches",
     "model_fingerprint",
     "pad_by_document",
 ]
@@ -83,6 +84,22 @@ def pad_by_document(values: Tensor, lengths: Int[Tensor, " n_docs"]) -> Tensor:
     out = values.new_zeros(len(lengths), mask.shape[1], *values.shape[1:])
     out[mask] = values
     return out
+
+
+def length_batches(lengths: Int[Tensor, " n_docs"], tokens_per_batch: int) -> list[list[int]]:
+    """Rows grouped for batched forward passes: longest first, each batch as many rows as fit in
+    ``tokens_per_batch`` tokens at the length of its longest row (at least one row), so that
+    padding stays small. Returns lists of row indices. Raises ValueError if
+    ``tokens_per_batch < 1``."""
+    if tokens_per_batch < 1:
+        raise ValueError(f"tokens_per_batch must be >= 1, got {tokens_per_batch}")
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    batches, i = [], 0
+    while i < len(order):
+        n = max(1, tokens_per_batch // int(lengths[order[i]]))
+        batches.append(order[i : i + n])
+        i += n
+    return batches
 
 
 @dataclass
@@ -276,13 +293,7 @@ def harvest_activations(
         np.save(tmp / "pos.npy", torch.arange(mask.shape[1])[None, :].expand_as(mask)[mask].numpy().astype(np.int32))
         d = {h: None for h in hooks}
         arrays: dict[str, np.ndarray] = {}
-        order = torch.argsort(lengths, descending=True, stable=True).tolist()
-        batches, i = [], 0
-        while i < len(order):
-            width = int(lengths[order[i]])
-            n = max(1, tokens_per_batch // width)
-            batches.append(order[i : i + n])
-            i += n
+        batches = length_batches(lengths, tokens_per_batch)
         stop = _stop_layer(model, hooks)
         current: dict[str, Tensor] = {}
 

@@ -56,6 +56,7 @@ __all__ = [
     "tokenize_to_sequences",
     "DocumentTokens",
     "tokenize_documents",
+    "tokenize_split",
     "load_corpus",
 ]
 
@@ -318,6 +319,38 @@ def tokenize_documents(
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return DocumentTokens(tokens, lengths, tuple(kept), bos_id, torch.tensor(truncated, dtype=torch.bool))
+
+
+def tokenize_split(
+    split: CorpusSplit,
+    tokenizer: Tokenizer,
+    bos_id: int,
+    n_ctx: int = 512,
+    n_train_docs: int | None = None,
+    n_heldout_docs: int | None = None,
+    seed: int = 0,
+) -> tuple[DocumentTokens, DocumentTokens]:
+    """Both parts of ``split`` as document-aligned rows (:func:`tokenize_documents`): training
+    documents and held-out documents, disjoint by construction (:func:`split_documents`).
+
+    ``n_train_docs`` / ``n_heldout_docs`` (None: every document) keep a random subset of that
+    many documents of the part, drawn with ``seed`` and kept in title order, so a quick run
+    samples the whole alphabet rather than its start. Deterministic for a given ``seed``.
+
+    Raises ValueError if a requested count is below 1 or above the part's size, and as
+    :func:`tokenize_documents`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for part, n in (("train", n_train_docs), ("heldout", n_heldout_docs)):
+        titles, texts = getattr(split, f"{part}_titles"), getattr(split, f"{part}_texts")
+        if n is not None:
+            if not 1 <= n <= len(texts):
+                raise ValueError(f"n_{part}_docs must be in [1, {len(texts)}] or None, got {n}")
+            keep = sorted(torch.randperm(len(texts), generator=g)[:n].tolist())
+            titles, texts = [titles[i] for i in keep], [texts[i] for i in keep]
+        out.append(tokenize_documents(texts, tokenizer, bos_id, n_ctx, titles=titles))
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------- corpus

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from .sae import SAE, SAEConfig
 
-__all__ = ["save_sae", "load_sae", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "load_sae", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"
@@ -186,8 +186,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 # ---------------------------------------------------------------------------- saving
-def save_sae(sae: SAE, path: str | Path, instance: int = 0) -> Path:
+def save_sae(
+    sae: SAE,
+    path: str | Path,
+    instance: int = 0,
+    metadata: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
     """Save instance ``instance`` of ``sae`` as a SAELens-layout folder at ``path``.
+
+    ``metadata`` adds SAELens metadata keys to ``cfg.json`` (``model_name``, ``hook_name``,
+    ``dataset_path``, ``context_size``, ``prepend_bos``: what the SAE reads and was trained on);
+    ``training`` is stored under ``"saelib_training"`` (e.g. the ``TrainConfig`` and the input
+    scale). Both must be JSON-serialisable (ValueError otherwise).
 
     Writes ``sae_weights.safetensors`` (float32, on CPU) and ``cfg.json`` (see the module
     docstring for the architecture mapping); saelib's ``SAEConfig`` (with ``n_inst=1``) is stored
@@ -253,15 +264,21 @@ def save_sae(sae: SAE, path: str | Path, instance: int = 0) -> Path:
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "sae_lens_training_version": SAELENS_FORMAT_VERSION,
             "saelib_instance": instance,
+            **(metadata or {}),
         },
         "saelib": saelib_cfg,
     }
+    if training is not None:
+        cfg_json["saelib_training"] = training
     weights = st_save(tensors, metadata={"format": "pt"})
     cfg_json["metadata"]["saelib_weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    try:
+        text = json.dumps(cfg_json, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata / training must be JSON-serialisable without NaN: {e}") from e
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(folder / WEIGHTS_FILENAME, weights)
-    text = json.dumps(cfg_json, indent=2, sort_keys=True, allow_nan=False) + "\n"
     atomic_write_bytes(folder / CFG_FILENAME, text.encode("utf-8"))
     return folder
 
@@ -405,3 +422,58 @@ def load_sae(path: str | Path) -> SAE:
         if threshold is not None:
             sae.threshold.copy_(threshold)
     return sae.eval()
+
+
+# ---------------------------------------------------------------------------- trained-SAE cache
+_TRAINING_SOURCES = ("sae.py", "train.py", "penalties.py", "matryoshka.py", "every_prefix.py")
+
+
+def _training_code_fingerprint() -> str:
+    """SHA-256 of the source of the modules that define training (a code change retrains)."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _TRAINING_SOURCES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_or_train(
+    sae: SAE,
+    data: Any,
+    cfg: Any,
+    data_key: str,
+    metadata: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> tuple[SAE, Path, bool]:
+    """Train ``sae`` (one instance) with :func:`saelib.train.train_sae` and save it under the
+    cache, or load the SAE an identical earlier call saved.
+
+    The cache folder is ``<cache_dir>/sae-<key>`` (:func:`saelib.corpus.cache_dir`), ``key``
+    hashing ``sae.cfg`` (its seed fixes the initial weights), the ``TrainConfig``, ``data_key``
+    (the caller's name for the data: e.g. the :class:`saelib.activations.ActivationStore` folder,
+    hook and input scale), the source of the training modules, torch's version and thread count.
+    Saved with :func:`save_sae` (SAELens layout, atomic writes; ``metadata`` and ``training`` go
+    into ``cfg.json``), so ``sae_lens.SAE.load_from_disk(folder)`` opens it too.
+
+    Returns ``(sae, folder, trained_now)``: the trained (or loaded) SAE, in eval mode.
+
+    Raises ValueError if ``sae`` has more than one instance, and whatever ``train_sae`` /
+    :func:`load_sae` raise.
+    """
+    from dataclasses import asdict
+
+    from .corpus import cache_dir, config_hash
+    from .train import train_sae
+
+    if sae.n_inst != 1:
+        raise ValueError(f"load_or_train saves one SAE; got n_inst={sae.n_inst}")
+    cfg_dict = json.loads(json.dumps(asdict(cfg), default=repr))
+    key = config_hash("sae-v1", sae.cfg.to_dict(), cfg_dict, data_key, _training_code_fingerprint(),
+                      torch.__version__, torch.get_num_threads())
+    folder = cache_dir() / f"sae-{key}"
+    if (folder / CFG_FILENAME).is_file():
+        return load_sae(folder), folder, False
+    train_sae(sae, data, cfg)
+    save_sae(sae.eval(), folder, metadata=metadata,
+             training={"train_config": cfg_dict, "data_key": data_key, **(training or {})})
+    return sae, folder, True

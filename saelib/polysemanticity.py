@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Context",
     "sequence_latents",
+    "encode_latents",
+    "sae_statistics",
     "LatentReport",
     "examine_latents",
     "reports_html",
@@ -105,6 +107,101 @@ def sequence_latents(
     flat = acts.reshape(-1, acts.shape[-1])
     out = torch.cat([sae.encode(scale * flat[i : i + batch_size])[:, instance] for i in range(0, len(flat), batch_size)])
     return out.view(acts.shape[0], acts.shape[1], -1)
+
+
+@torch.no_grad()
+def encode_latents(
+    sae: "SAE",
+    x: Float[Tensor, "n_tok d_in"],
+    latents: Sequence[int] | None = None,
+    scale: float = 1.0,
+    instance: int = 0,
+    batch_size: int = 8192,
+) -> Float[Tensor, "n_tok n_latents"]:
+    """Activations of the chosen ``latents`` (all when None) of one SAE instance on the rows of
+    ``x`` (e.g. a memory-mapped :class:`saelib.activations.ActivationStore` array, read in
+    batches of ``batch_size`` rows and encoded as ``scale * x`` in float32).
+
+    For a ReLU SAE only the chosen encoder columns are computed (a latent's activation does not
+    depend on the others); TopK / BatchTopK SAEs are encoded in full, then the columns taken.
+
+    Raises ValueError if ``x`` is not 2-D with ``sae.d_in`` columns, or a latent or the instance
+    is out of range.
+    """
+    if x.ndim != 2 or x.shape[1] != sae.d_in:
+        raise ValueError(f"x must be [n_tok, d_in={sae.d_in}], got shape {tuple(x.shape)}")
+    if not (0 <= instance < sae.n_inst):
+        raise ValueError(f"instance {instance} out of range for n_inst={sae.n_inst}")
+    idx = torch.arange(sae.d_sae) if latents is None else torch.as_tensor(list(latents), dtype=torch.long)
+    bad = [int(j) for j in idx if not 0 <= int(j) < sae.d_sae]
+    if bad:
+        raise ValueError(f"latent(s) {bad[:5]} out of range for d_sae={sae.d_sae}")
+    relu = sae.cfg.architecture == "relu"
+    W = sae.W_enc[instance][:, idx]  # [d_in, n]
+    b = sae.b_enc[instance][idx]
+    shift = sae.b_dec[instance] if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec[instance])
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size].float() * scale
+        if relu:
+            out.append(torch.relu((xb - shift) @ W + b))
+        else:
+            out.append(sae.encode(xb)[:, instance][:, idx])
+    return torch.cat(out) if out else torch.zeros(0, len(idx))
+
+
+@torch.no_grad()
+def sae_statistics(
+    sae: "SAE",
+    x: Float[Tensor, "n_tok d_in"],
+    keep: Tensor | None = None,
+    scale: float = 1.0,
+    instance: int = 0,
+    batch_size: int = 8192,
+) -> dict[str, object]:
+    """L0, FVU and feature density of one SAE instance over the rows of ``x`` where ``keep``
+    (``[n_tok]`` bool, e.g. ``store.pos > 0`` to leave out BOS; all rows when None), read in
+    batches so that ``[n_tok, d_sae]`` is never held.
+
+    Definitions as :func:`saelib.metrics.l0` (latents ``!= 0``), :func:`saelib.metrics.fvu`
+    (error over variance about the mean of the kept rows) and
+    :func:`saelib.metrics.feature_density` (latents ``> 0``), in the SAE's input units
+    (``scale * x``). Returns ``{"L0": float, "FVU": float, "density": Tensor[d_sae],
+    "dead_frac": float, "n_tokens": int}``.
+
+    Raises ValueError if ``x`` is not ``[n_tok, d_in]``, ``keep`` has another length, no row
+    is kept, or the kept rows have zero variance.
+    """
+    if x.ndim != 2 or x.shape[1] != sae.d_in:
+        raise ValueError(f"x must be [n_tok, d_in={sae.d_in}], got shape {tuple(x.shape)}")
+    if keep is None:
+        keep = torch.ones(len(x), dtype=torch.bool)
+    if keep.shape != (len(x),):
+        raise ValueError(f"keep must be [n_tok={len(x)}], got shape {tuple(keep.shape)}")
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError("keep selects no row")
+    d_in = x.shape[1]
+    fired = torch.zeros(sae.d_sae, dtype=torch.float64)
+    nonzero, err = 0.0, 0.0
+    s1, s2 = torch.zeros(d_in, dtype=torch.float64), 0.0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size][keep[i : i + batch_size]].float() * scale
+        if len(xb) == 0:
+            continue
+        x_hat, a = sae(xb)
+        a, x_hat = a[:, instance], x_hat[:, instance]
+        fired += (a > 0).sum(0).double()
+        nonzero += float((a != 0).sum())
+        err += float((xb - x_hat).double().pow(2).sum())
+        s1 += xb.double().sum(0)
+        s2 += float(xb.double().pow(2).sum())
+    var = s2 - float(s1.pow(2).sum()) / n
+    if not var > 0:
+        raise ValueError("the kept rows have zero variance: FVU is undefined")
+    density = (fired / n).float()
+    return {"L0": nonzero / n, "FVU": err / var, "density": density,
+            "dead_frac": float((density == 0).float().mean()), "n_tokens": n}
 
 
 def latent_density(
@@ -294,12 +391,18 @@ def examine_latents(
     frac: float = 0.1,
     seed: int = 0,
     mask: Tensor | None = None,
+    latent_ids: Sequence[int] | None = None,
 ) -> list[LatentReport]:
     """A :class:`LatentReport` for each of ``latents`` (e.g. every dense latent); ``mask`` as in
-    the module docstring.
+    the module docstring. ``latents`` index the last dimension of ``acts``; when ``acts`` holds
+    only some of an SAE's latents (:func:`encode_latents`), ``latent_ids[j]`` is the SAE's index
+    of column ``j``, reported as :attr:`LatentReport.latent`.
 
-    Raises ValueError if ``acts`` and ``tokens`` disagree in shape or a latent is out of range.
+    Raises ValueError if ``acts`` and ``tokens`` disagree in shape, a latent is out of range, or
+    ``latent_ids`` does not give one index per column.
     """
+    if latent_ids is not None and len(latent_ids) != acts.shape[-1]:
+        raise ValueError(f"latent_ids has {len(latent_ids)} entries for {acts.shape[-1]} columns of acts")
     if acts.ndim != 3 or acts.shape[:2] != tokens.shape:
         raise ValueError(f"acts must be [n_seq, pos, d_sae] matching tokens {tuple(tokens.shape)}, got {tuple(acts.shape)}")
     out = []
@@ -317,7 +420,7 @@ def examine_latents(
         common = sorted(counts.items(), key=lambda kv: -kv[1])[:5]  # stable: ties keep activation order
         out.append(
             LatentReport(
-                latent=int(j),
+                latent=int(j) if latent_ids is None else int(latent_ids[int(j)]),
                 density=bos["non_bos"],
                 bos_freq=bos["bos"],
                 position_eta2=position_dependence(a, mask=mask),

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -52,10 +52,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, utils
 
-from .lm import collect_activations, flatten_tokens
 from .metrics import cosine_matrix
 from .sae import SAE, SAEConfig
 from .train import History, TrainConfig, train_sae
+
+if TYPE_CHECKING:
+    from .corpus import DocumentTokens
+    from .lm import LanguageModel
 
 __all__ = [
     "NABESHIMA_LOSS_ORIG",
@@ -77,6 +80,7 @@ __all__ = [
     "max_neuron_cosines",
     "SparseMLPSweep",
     "sparse_mlp_sweep",
+    "recovered_at_l0",
     "loss_recovered_table",
     "loss_recovered_overview",
     "plot_loss_recovered",
@@ -293,88 +297,106 @@ class LossRecovered:
 
 
 def _ce_and_kl(
-    logits: Float[Tensor, "b pos vocab"], ref_logprobs: Float[Tensor, "b pos vocab"] | None, tokens: Int[Tensor, "b pos"]
-) -> tuple[float, float, Float[Tensor, "b pos vocab"]]:
-    """Summed next-token cross-entropy and summed KL(ref || this) over the predicted tokens
-    (float32 per token, float64 sums), and the log-probabilities."""
+    logits: Float[Tensor, "b pos vocab"],
+    ref_logprobs: Float[Tensor, "b pos-1 vocab"] | None,
+    tokens: Int[Tensor, "b pos"],
+    valid: Tensor,
+) -> tuple[float, float, Float[Tensor, "b pos-1 vocab"]]:
+    """Summed next-token cross-entropy and summed KL(ref || this) over the predicted tokens that
+    are ``valid`` (``[b, pos-1]`` bool: the target lies inside its document), float32 per token,
+    float64 sums; and the log-probabilities."""
     logprobs = logits[:, :-1].float().log_softmax(-1)  # [b, pos-1, vocab] predictions of tokens 1..
     ce = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]  # [b, pos-1]
     kl = 0.0
     if ref_logprobs is not None:
         kl_tok = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)  # [b, pos-1]
-        kl = float(kl_tok.double().sum())
-    return float(ce.double().sum()), kl, logprobs
+        kl = float(kl_tok[valid].double().sum())
+    return float(ce[valid].double().sum()), kl, logprobs
 
 
 @torch.no_grad()
 def spliced_losses(
     model: HookedTransformer,
-    tokens: Int[Tensor, "n_seq pos"],
+    tokens: "Int[Tensor, 'n_seq pos'] | DocumentTokens",
     sparse_mlp: SparseMLP,
     mean_mlp_out: Float[Tensor, " d_model"],
-    batch_size: int = 32,
+    tokens_per_batch: int = 2048,
     skip_bos: bool = True,
     progress: bool = True,
 ) -> LossRecovered:
     """Original, zero-ablated, mean-ablated and sparse-MLP-spliced losses for one layer (see the
-    module docstring for definitions and the averaging order), using ``run_with_hooks``.
+    module docstring for definitions and the averaging order).
+
+    ``tokens``: full rows ``[n_seq, pos]``, or document-aligned rows
+    (:class:`saelib.corpus.DocumentTokens`), whose padding is never predicted nor read (a causal
+    model's valid positions do not see it). Rows are batched by length, ``tokens_per_batch``
+    tokens per forward pass. One clean pass per batch caches the residual stream before the MLP
+    (``hook_resid_mid``), the MLP's input and output; every variant then writes
+    ``resid_mid + new MLP output`` and runs only the blocks after the layer
+    (``start_at_layer``), which gives the same logits as replacing ``hook_mlp_out`` in a full
+    pass (tested) at a fraction of the cost for late layers.
 
     The replacement happens at positions 1.. when ``skip_bos`` (BOS keeps its own MLP output in
     every variant, since the sparse MLP never saw BOS in training), else at every position.
     Raises ValueError if ``mean_mlp_out`` has the wrong width.
     """
+    from .activations import length_batches
+    from .corpus import DocumentTokens
+
     d_model = model.cfg.d_model
     if mean_mlp_out.shape != (d_model,):
         raise ValueError(f"mean_mlp_out must be [{d_model}], got {tuple(mean_mlp_out.shape)}")
-    in_hook, out_hook = mlp_hook_names(model, sparse_mlp.layer)
+    if not isinstance(tokens, DocumentTokens):
+        n, pos = tokens.shape
+        tokens = DocumentTokens(tokens, torch.full((n,), pos, dtype=torch.long), tuple(map(str, range(n))), 0,
+                                torch.zeros(n, dtype=torch.bool))
+    layer = sparse_mlp.layer
+    in_hook, out_hook = mlp_hook_names(model, layer)
+    mid_hook = utils.get_act_name("resid_mid", layer)
     n_inst = sparse_mlp.sae.n_inst
     start = 1 if skip_bos else 0
     sums = {"orig": 0.0, "zero": 0.0, "mean": 0.0}
     kls = {"zero": 0.0, "mean": 0.0}
     sparse_ce, sparse_kl, l0 = [0.0] * n_inst, [0.0] * n_inst, [0.0] * n_inst
     n_pred, n_spliced = 0, 0
-    stored: dict[str, Tensor] = {}
+    cache: dict[str, Tensor] = {}
 
-    def keep_input(act: Tensor, hook: Any) -> None:
-        stored["in"] = act  # [batch, pos, d_model]
+    def keep(act: Tensor, hook: Any) -> None:
+        cache[hook.name] = act
 
-    def replace_with(new: Tensor):
-        def hook_fn(act: Tensor, hook: Any) -> Tensor:  # act: [batch, pos, d_model]
-            act = act.clone()
-            act[:, start:] = new[:, start:] if new.ndim == 3 else new
-            return act
-
-        return hook_fn
-
-    def replace_sparse(i: int):
-        def hook_fn(act: Tensor, hook: Any) -> Tensor:
-            act = act.clone()
-            act[:, start:] = sparse_mlp(stored["in"][:, start:])[..., i, :]
-            return act
-
-        return hook_fn
-
-    for b in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc=f"splice layer {sparse_mlp.layer}", mininterval=1.0):
-        batch = tokens[b : b + batch_size]
-        ce, _, ref = _ce_and_kl(model(batch), None, batch)
+    batches = length_batches(tokens.lengths, tokens_per_batch)
+    for rows in tqdm(batches, disable=not progress, desc=f"splice layer {layer}", mininterval=1.0):
+        width = int(tokens.lengths[rows[0]])
+        batch = tokens.tokens[rows, :width]
+        valid_pos = torch.arange(width)[None, :] < tokens.lengths[rows, None]  # [b, width]
+        valid = valid_pos[:, 1:]  # predicted tokens inside their document
+        spliced = valid_pos.clone()
+        spliced[:, :start] = False  # positions whose MLP output is replaced
+        logits = model.run_with_hooks(batch, fwd_hooks=[(h, keep) for h in (mid_hook, in_hook, out_hook)])
+        ce, _, ref = _ce_and_kl(logits, None, batch, valid)
         sums["orig"] += ce
-        n_pred += ref.shape[0] * ref.shape[1]
-        zero = torch.zeros(d_model)
-        for name, value in (("zero", zero), ("mean", mean_mlp_out)):
-            logits = model.run_with_hooks(batch, fwd_hooks=[(out_hook, replace_with(value))])
-            ce, kl, _ = _ce_and_kl(logits, ref, batch)
-            sums[name] += ce
-            kls[name] += kl
+        n_pred += int(valid.sum())
+        mid, mlp_in, mlp_out = cache[mid_hook], cache[in_hook], cache[out_hook]
+        acts = sparse_mlp.latents(mlp_in)  # [b, width, inst, d_sae]
+        outs = sparse_mlp(mlp_in)  # [b, width, inst, d_model]
+        variants = {"zero": torch.zeros(d_model), "mean": mean_mlp_out}
+        variants.update({i: outs[..., i, :] for i in range(n_inst)})
+        for name, value in variants.items():
+            new_out = mlp_out.clone()
+            new_out[:, start:] = value[:, start:] if value.ndim == 3 else value
+            logits = model(mid + new_out, start_at_layer=layer + 1)
+            ce, kl, _ = _ce_and_kl(logits, ref, batch, valid)
+            if isinstance(name, int):
+                sparse_ce[name] += ce
+                sparse_kl[name] += kl
+            else:
+                sums[name] += ce
+                kls[name] += kl
         for i in range(n_inst):
-            logits = model.run_with_hooks(batch, fwd_hooks=[(in_hook, keep_input), (out_hook, replace_sparse(i))])
-            ce, kl, _ = _ce_and_kl(logits, ref, batch)
-            sparse_ce[i] += ce
-            sparse_kl[i] += kl
-        acts = sparse_mlp.latents(stored["in"][:, start:])  # [batch, pos', inst, d_sae]
-        l0 = [l0[i] + float((acts[..., i, :] > 0).sum()) for i in range(n_inst)]
-        n_spliced += acts.shape[0] * acts.shape[1]
+            l0[i] += float((acts[..., i, :][spliced] > 0).sum())
+        n_spliced += int(spliced.sum())
     return LossRecovered(
-        layer=sparse_mlp.layer,
+        layer=layer,
         S_values=tuple(sparse_mlp.S_values),
         loss_orig=sums["orig"] / n_pred,
         loss_zero=sums["zero"] / n_pred,
@@ -383,7 +405,7 @@ def spliced_losses(
         kl_zero=kls["zero"] / n_pred,
         kl_mean=kls["mean"] / n_pred,
         kl_sparse=[k / n_pred for k in sparse_kl],
-        l0=[v / n_spliced for v in l0],
+        l0=[v / max(n_spliced, 1) for v in l0],
         n_tokens=n_pred,
     )
 
@@ -443,33 +465,41 @@ class SparseMLPSweep:
 
 
 def sparse_mlp_sweep(
-    model: HookedTransformer,
-    train_tokens: Int[Tensor, "n_train pos"],
-    heldout_tokens: Int[Tensor, "n_heldout pos"],
+    lm: "LanguageModel",
+    train_docs: "DocumentTokens",
+    heldout_docs: "DocumentTokens",
     cfg: SparseMLPConfig,
     layers: Sequence[int] | None = None,
-    batch_size: int = 32,
+    tokens_per_batch: int = 2048,
 ) -> SparseMLPSweep:
-    """For each layer: collect the MLP's input and output on ``train_tokens`` (BOS dropped),
-    train one sparse MLP per ``S``, splice them into the model on ``heldout_tokens``
-    (:func:`spliced_losses`, mean-ablation with the training mean) and compare their neurons with
-    the original MLP's (:func:`neuron_cosines`). Layers are processed one at a time, so memory
-    holds one layer's activations.
+    """For each layer: train one sparse MLP per ``S`` on the MLP's input and output over
+    ``train_docs`` (every non-BOS token; harvested once for all layers with
+    :func:`saelib.activations.harvest_activations`, so cached), splice them into the model on
+    ``heldout_docs`` (:func:`spliced_losses`; mean ablation with the training mean) and compare
+    their neurons with the original MLP's (:func:`neuron_cosines`). Layers are trained one at a
+    time, so memory holds one layer's activations.
 
-    Raises ValueError for a layer the model does not have.
+    ``seconds`` records ``"collect"`` (harvest, or reading the cache), ``"train"`` and
+    ``"evaluate"``. Raises ValueError for a layer the model does not have.
     """
+    from .activations import harvest_activations
+
+    model = lm.model
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     out = SparseMLPSweep(cfg, layers)
+    hooks = {layer: mlp_hook_names(model, layer) for layer in layers}
+    t0 = time.perf_counter()
+    store = harvest_activations(lm, train_docs, [h for pair in hooks.values() for h in pair], progress=cfg.progress)
+    rows = store.rows()  # every non-BOS token
+    out.seconds["collect"] += time.perf_counter() - t0
     for layer in layers:
-        hooks = mlp_hook_names(model, layer)
         t0 = time.perf_counter()
-        acts = collect_activations(model, train_tokens, hooks, batch_size=batch_size, progress=cfg.progress)
-        x, y = flatten_tokens(acts[hooks[0]]), flatten_tokens(acts[hooks[1]])
-        del acts
+        x, y = store[hooks[layer][0]][rows].float(), store[hooks[layer][1]][rows].float()
         t1 = time.perf_counter()
-        sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks)
+        sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks[layer])
         t2 = time.perf_counter()
-        out.results[layer] = spliced_losses(model, heldout_tokens, sm, y.mean(0), batch_size=batch_size, progress=cfg.progress)
+        out.results[layer] = spliced_losses(model, heldout_docs, sm, y.mean(0), tokens_per_batch=tokens_per_batch,
+                                            progress=cfg.progress)
         alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool)
         for i in range(0, len(x), 2048):
             alive |= (sm.latents(x[i : i + 2048]) > 0).any(0)
@@ -484,71 +514,95 @@ def sparse_mlp_sweep(
 
 
 # ---------------------------------------------------------------------------------------- reporting
-def loss_recovered_table(results: Sequence[LossRecovered], S: float) -> str:
-    """A Markdown table in the form of EXPERIMENTS.md part F for the sweep value ``S``, next to
-    Nabeshima's S = 6 numbers (his layer i, for i < 4) and Anthropic's A/1 79 %.
+def recovered_at_l0(result: LossRecovered, max_l0: float) -> dict[str, float] | None:
+    """The swept ``S`` with the highest loss recovered (zero ablation) among those whose L0 is at
+    most ``max_l0``: ``{"S", "L0", "recovered", "recovered_vs_mean", "kl"}``, or None when every
+    ``S`` is denser than ``max_l0``. Raises ValueError if ``max_l0 <= 0``."""
+    if not max_l0 > 0:
+        raise ValueError(f"max_l0 must be > 0, got {max_l0}")
+    ok = [i for i, l0 in enumerate(result.l0) if l0 <= max_l0]
+    if not ok:
+        return None
+    i = max(ok, key=lambda j: result.recovered[j])
+    return {"S": result.S_values[i], "L0": result.l0[i], "recovered": result.recovered[i],
+            "recovered_vs_mean": result.recovered_vs_mean[i], "kl": result.kl_sparse[i]}
 
-    Raises ValueError if ``S`` was not swept.
-    """
+
+def loss_recovered_table(results: Sequence[LossRecovered], max_l0: float, dead_frac: dict[int, list[float]] | None = None) -> str:
+    """A Markdown table in the form of EXPERIMENTS.md part F, one row per layer, at the sparsest
+    operating point allowed: the ``S`` with the highest loss recovered among those with
+    ``L0 <= max_l0`` (:func:`recovered_at_l0`), next to Nabeshima's S = 6 numbers for the layer of
+    the same rank in his 4-layer model (``results`` in layer order; his L0 is not published) and
+    Anthropic's A/1 79 %. ``dead_frac[layer][i]``: fraction of dead sparse neurons per ``S``."""
     lines = [
-        f"| layer | L_orig | L_zero | L_mean | L_sparse (S={S:g}) | KL | L0 | recovered (zero) | recovered (mean) "
-        "| Nabeshima L_zero | Nabeshima L_sparse (S=6) | Nabeshima recovered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| layer | S | L0 | dead | L_orig | L_zero | L_mean | L_sparse | KL | recovered (zero) | recovered (mean) "
+        "| Nabeshima layer | his L_zero | his L_sparse (S=6) | his recovered |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        if S not in r.S_values:
-            raise ValueError(f"S={S} not among the swept values {r.S_values}")
-        i = r.S_values.index(S)
+    for rank, r in enumerate(results):
         ref = (
-            (f"{NABESHIMA_LOSS_ZERO[r.layer]:.2f}", f"{NABESHIMA_LOSS_SPARSE_S6[r.layer]:.2f}", f"{NABESHIMA_RECOVERED_S6[r.layer]:.0%}")
-            if r.layer < len(NABESHIMA_LOSS_ZERO)
-            else ("", "", "")
+            (str(rank), f"{NABESHIMA_LOSS_ZERO[rank]:.2f}", f"{NABESHIMA_LOSS_SPARSE_S6[rank]:.2f}",
+             f"{NABESHIMA_RECOVERED_S6[rank]:.0%}") if rank < len(NABESHIMA_LOSS_ZERO) else ("", "", "", "")
         )
+        best = recovered_at_l0(r, max_l0)
+        if best is None:
+            lines.append(f"| {r.layer} | none with L0 <= {max_l0:g} (lowest {min(r.l0):.1f}) | | | {r.loss_orig:.3f} "
+                         f"| {r.loss_zero:.3f} | {r.loss_mean:.3f} | | | | | {' | '.join(ref)} |")
+            continue
+        i = r.S_values.index(best["S"])
+        dead = f"{dead_frac[r.layer][i]:.1%}" if dead_frac is not None else ""
         lines.append(
-            f"| {r.layer} | {r.loss_orig:.3f} | {r.loss_zero:.3f} | {r.loss_mean:.3f} | {r.loss_sparse[i]:.3f} "
-            f"| {r.kl_sparse[i]:.3f} | {r.l0[i]:.1f} | {r.recovered[i]:.1%} | {r.recovered_vs_mean[i]:.1%} "
-            f"| {ref[0]} | {ref[1]} | {ref[2]} |"
+            f"| {r.layer} | {best['S']:g} | {best['L0']:.1f} | {dead} | {r.loss_orig:.3f} | {r.loss_zero:.3f} "
+            f"| {r.loss_mean:.3f} | {r.loss_sparse[i]:.3f} | {r.kl_sparse[i]:.3f} | {r.recovered[i]:.1%} "
+            f"| {r.recovered_vs_mean[i]:.1%} | {' | '.join(ref)} |"
         )
     lines.append(
-        f"\nNabeshima's original loss {NABESHIMA_LOSS_ORIG}; Anthropic's A/1 autoencoder recovered "
-        f"{ANTHROPIC_A1_RECOVERED:.0%}. L0: active sparse neurons per token."
+        f"\nL0: active sparse neurons per token. Nabeshima's original loss {NABESHIMA_LOSS_ORIG}; Anthropic's A/1 "
+        f"autoencoder recovered {ANTHROPIC_A1_RECOVERED:.0%}."
     )
     return "\n".join(lines)
 
 
-def loss_recovered_overview(results: Sequence[LossRecovered]) -> str:
-    """A Markdown table of loss recovered (zero-ablation) for every layer and every swept ``S``,
-    with the mean L0 in brackets."""
-    S_values = results[0].S_values if results else ()
-    lines = [
-        "| layer | L_orig | L_zero | " + " | ".join(f"S={s:g}" for s in S_values) + " |",
-        "|---|---|---|" + "---|" * len(S_values),
-    ]
+def loss_recovered_overview(results: Sequence[LossRecovered], dead_frac: dict[int, list[float]] | None = None) -> str:
+    """A Markdown table of every layer and every swept ``S``: loss recovered against zero and
+    mean ablation, KL (nats/token), L0 and the dead fraction."""
+    lines = ["| layer | S | L0 | dead | recovered (zero) | recovered (mean) | KL |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        cells = " | ".join(f"{v:.1%} (L0 {l0:.0f})" for v, l0 in zip(r.recovered, r.l0))
-        lines.append(f"| {r.layer} | {r.loss_orig:.3f} | {r.loss_zero:.3f} | {cells} |")
+        for i, S in enumerate(r.S_values):
+            dead = f"{dead_frac[r.layer][i]:.1%}" if dead_frac is not None else ""
+            lines.append(f"| {r.layer} | {S:g} | {r.l0[i]:.1f} | {dead} | {r.recovered[i]:.1%} "
+                         f"| {r.recovered_vs_mean[i]:.1%} | {r.kl_sparse[i]:.4f} |")
     return "\n".join(lines)
 
 
-def plot_loss_recovered(results: Sequence[LossRecovered]) -> Figure:
-    """Loss recovered (zero- and mean-ablation) and KL against ``S``, one line per layer, with
-    Anthropic's 79 % and Nabeshima's S = 6 values marked."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+def plot_loss_recovered(results: Sequence[LossRecovered], max_l0: float | None = None) -> Figure:
+    """Loss recovered against zero and mean ablation, and KL, against L0 (log scale), one line
+    per layer through its ``S`` values (labelled). Anthropic's 79 % is the dashed line;
+    Nabeshima's S = 6 values (his layers 0-3, L0 not published) are the dotted lines at the
+    right edge; ``max_l0`` is marked as a vertical line."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(results))))
     for r, c in zip(results, colors):
-        axes[0].plot(r.S_values, r.recovered, "o-", color=c, label=f"layer {r.layer}")
-        axes[1].plot(r.S_values, r.recovered_vs_mean, "o-", color=c, label=f"layer {r.layer}")
-        axes[2].semilogy(r.S_values, r.kl_sparse, "o-", color=c, label=f"layer {r.layer}")
-        if r.layer < len(NABESHIMA_RECOVERED_S6):
-            axes[0].plot([6], [NABESHIMA_RECOVERED_S6[r.layer]], "*", color=c, markersize=11)
+        axes[0].plot(r.l0, r.recovered, "o-", color=c, label=f"layer {r.layer}")
+        axes[1].plot(r.l0, r.recovered_vs_mean, "o-", color=c, label=f"layer {r.layer}")
+        axes[2].plot(r.l0, r.kl_sparse, "o-", color=c, label=f"layer {r.layer}")
+        for x, y, S in zip(r.l0, r.recovered, r.S_values):
+            axes[0].annotate(f"S={S:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6, color=c)
+    for rank, v in enumerate(NABESHIMA_RECOVERED_S6):
+        axes[0].axhline(v, xmin=0.9, xmax=1.0, color="black", ls=":", lw=1.2,
+                        label="Nabeshima S=6, his layers 0-3 (L0 not published)" if rank == 0 else None)
     for ax in axes[:2]:
         ax.axhline(ANTHROPIC_A1_RECOVERED, color="grey", ls="--", lw=1, label="Anthropic A/1 (79%)")
-        ax.set_xlabel("S (penalty 2^S)")
-    axes[0].set_ylabel("loss recovered")
-    axes[0].set_title("vs zero-ablation (stars: Nabeshima, S=6)")
-    axes[1].set_title("vs mean-ablation")
+        ax.set_ylabel("loss recovered")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active sparse neurons per token)")
+        if max_l0 is not None:
+            ax.axvline(max_l0, color="red", lw=0.8, alpha=0.6, label=f"L0 = {max_l0:g}" if ax is axes[0] else None)
+    axes[2].set_yscale("log")
+    axes[0].set_title("vs zero ablation")
+    axes[1].set_title("vs mean ablation")
     axes[2].set_title("KL(original || spliced), nats/token")
-    axes[2].set_xlabel("S (penalty 2^S)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-# notebooks that load the cached default language model: run one after another on one worker
+# notebooks that load SmolLM2 and share cached activations / SAEs: run one after another on one worker
 LM_NOTEBOOKS = ("06_", "07_", "08_")
 
 

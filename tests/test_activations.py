@@ -187,3 +187,37 @@ def test_store_reopens_from_its_folder(tokenizer, cache):
     assert meta["hooks"] == ["blocks.0.hook_mlp_out"] and meta["documents_fingerprint"] == docs.fingerprint()
     again = ActivationStore.open(store.folder)
     assert torch.equal(again["blocks.0.hook_mlp_out"], store["blocks.0.hook_mlp_out"])
+
+
+# ---------------------------------------------------------------------------- tokenize_split
+def _split():
+    from saelib.corpus import CorpusSplit
+
+    letters = WORDS[1:]
+    train = [" ".join(letters[: 1 + i % 7]) for i in range(12)]
+    held = [" ".join(letters[i % 7 :]) for i in range(5)]
+    return CorpusSplit([f"tr{i:02d}" for i in range(12)], train, [f"ho{i}" for i in range(5)], held)
+
+
+def test_tokenize_split_keeps_parts_apart_and_samples_in_title_order(tokenizer):
+    from saelib.corpus import tokenize_split
+
+    split = _split()
+    train, held = tokenize_split(split, tokenizer, 0, 8)
+    assert train.titles == tuple(split.train_titles) and held.titles == tuple(split.heldout_titles)
+    sub_train, sub_held = tokenize_split(split, tokenizer, 0, 8, n_train_docs=5, n_heldout_docs=2, seed=1)
+    assert len(sub_train) == 5 and len(sub_held) == 2
+    assert list(sub_train.titles) == sorted(sub_train.titles) and set(sub_train.titles) <= set(split.train_titles)
+    assert set(sub_held.titles) <= set(split.heldout_titles)
+    assert sub_train.titles != train.titles[:5] or sub_train.titles != tokenize_split(
+        split, tokenizer, 0, 8, n_train_docs=5, seed=2)[0].titles  # a random subset, not the first five
+    again = tokenize_split(split, tokenizer, 0, 8, n_train_docs=5, n_heldout_docs=2, seed=1)
+    assert again[0].titles == sub_train.titles and torch.equal(again[0].tokens, sub_train.tokens)
+
+
+@pytest.mark.parametrize("n", [0, 13])
+def test_tokenize_split_rejects_bad_counts(tokenizer, n):
+    from saelib.corpus import tokenize_split
+
+    with pytest.raises(ValueError, match=f"n_train_docs must be in \\[1, 12\\] or None, got {n}"):
+        tokenize_split(_split(), tokenizer, 0, 8, n_train_docs=n)

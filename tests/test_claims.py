@@ -147,3 +147,21 @@ def test_table_marks_claims_within_noise():
     tol = SE2 * 0.1 / math.sqrt(5)
     table = cl.claims_table([cl.above("near", vals, 0.2 - tol - 0.01, source="s"), cl.finding("f", True)])
     assert "| yes ~ |" in table and "| — | 5 |" not in table and "| — | 1 | yes |" in table
+
+
+def test_full_size_claims_are_asserted_in_the_full_run_only_and_print_the_same_lines():
+    holds = cl.finding("x is large", True, source="S")
+    fails = cl.finding("y is large", False, source="S")
+    full = [cl.at_full_size(holds, quick=False), cl.at_full_size(fails, quick=False)]
+    out_full = cl.check_claims(full, not_reproduced=["y is large"])
+    assert "[reproduced] x is large (S: —) [judged at full size]" in out_full
+    assert "[NOT reproduced] y is large (S: —) [judged at full size]" in out_full
+    with pytest.raises(AssertionError, match="y is large"):
+        cl.check_claims(full)  # the full run asserts
+    # a quick run decides the other way round: not asserted, and the recorded verdicts are printed
+    quick = [cl.at_full_size(cl.finding("x is large", False, source="S"), quick=True),
+             cl.at_full_size(cl.finding("y is large", True, source="S"), quick=True)]
+    assert cl.check_claims(quick, not_reproduced=["y is large"]) == out_full
+    # a claim not marked full-size is asserted in both runs
+    with pytest.raises(AssertionError):
+        cl.check_claims(quick + [cl.finding("z", False)], not_reproduced=["y is large"])

@@ -332,3 +332,69 @@ def test_cleanup_leaves_a_write_in_progress_alone(tmp_path):
         assert busy.exists()
     assert saelib.persistence.remove_stale_temp_files(folder) == [busy]  # its writer is gone now
     assert not busy.exists()
+
+
+# ---------------------------------------------------------------------------- metadata and the trained-SAE cache
+def test_metadata_and_training_written_to_cfg_and_sae_lens_loads(tmp_path, sae_lens):
+    meta = {"model_name": "m", "hook_name": "blocks.3.hook_resid_pre", "dataset_path": "d", "context_size": 7}
+    folder = save_sae(build_sae("relu"), tmp_path / "sae", metadata=meta, training={"input_scale": 0.5})
+    cfg = json.loads((folder / CFG_FILENAME).read_text())
+    assert {k: cfg["metadata"][k] for k in meta} == meta
+    assert cfg["saelib_training"] == {"input_scale": 0.5}
+    loaded = sae_lens.SAE.load_from_disk(str(folder))
+    assert loaded.cfg.metadata.hook_name == "blocks.3.hook_resid_pre"
+    assert loaded.cfg.metadata.model_name == "m"
+
+
+def test_non_serialisable_metadata_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        save_sae(build_sae("relu"), tmp_path / "sae", metadata={"bad": object()})
+    assert not (tmp_path / "sae" / WEIGHTS_FILENAME).exists()
+
+
+def _train_cfg(steps=20, seed=0):
+    from saelib.train import TrainConfig
+    return TrainConfig(steps=steps, batch_size=32, lr=1e-2, l1_coeff=0.1, seed=seed, progress=False)
+
+
+def test_load_or_train_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
+    import saelib.train
+    from saelib.persistence import load_or_train
+
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    data = torch.randn(500, D_IN)
+    new = lambda: SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, seed=3))  # noqa: E731
+    sae, folder, now = load_or_train(new(), data, _train_cfg(), "data-a", metadata={"hook_name": "h"})
+    assert now and folder.parent == tmp_path
+    assert not torch.equal(sae.W_enc, new().W_enc)  # it was trained
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again instead of loading")
+
+    monkeypatch.setattr(saelib.train, "train_sae", no_training)
+    again, folder2, now2 = load_or_train(new(), data, _train_cfg(), "data-a")
+    assert folder2 == folder and not now2
+    assert_same_state(again, sae)
+    assert json.loads((folder / CFG_FILENAME).read_text())["metadata"]["hook_name"] == "h"
+
+
+@pytest.mark.parametrize("change", ["steps", "seed", "data_key", "d_sae"])
+def test_load_or_train_key_changes_with_config_data_and_init(tmp_path, monkeypatch, change):
+    from saelib.persistence import load_or_train
+
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    data = torch.randn(300, D_IN)
+    _, base, _ = load_or_train(SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE)), data, _train_cfg(), "a")
+    d_sae = D_SAE + 1 if change == "d_sae" else D_SAE
+    cfg = _train_cfg(steps=21 if change == "steps" else 20, seed=1 if change == "seed" else 0)
+    _, other, now = load_or_train(SAE(SAEConfig(d_in=D_IN, d_sae=d_sae)), data, cfg,
+                                  "b" if change == "data_key" else "a")
+    assert now and other != base
+
+
+def test_load_or_train_refuses_several_instances(tmp_path, monkeypatch):
+    from saelib.persistence import load_or_train
+
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="n_inst=3"):
+        load_or_train(build_sae("relu"), torch.randn(10, D_IN), _train_cfg(), "a")

@@ -219,3 +219,74 @@ def test_contexts_stop_at_the_document_end():
     acts[1, 4] = 9.0  # a pad position: never a context
     (ctx,) = top_contexts(acts, tokens, decode, k=3, window=(5, 3), mask=mask)
     assert (ctx.seq, ctx.pos) == (1, 2) and ctx.tokens == ["t0", "t5", "t6"]
+
+
+# ---------------------------------------------------------------------------- flat activations (activation stores)
+def _trained_like_sae(architecture="relu"):
+    from saelib.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=5, d_sae=12, architecture=architecture, k=3 if architecture != "relu" else None, seed=2))
+    with torch.no_grad():
+        sae.b_enc.copy_(0.3 * torch.randn(1, 12))
+        sae.b_dec.copy_(0.5 * torch.randn(1, 5))
+    return sae
+
+
+@pytest.mark.parametrize("architecture", ["relu", "topk"])
+def test_encode_latents_equals_the_full_encoding_columns(architecture):
+    from saelib.polysemanticity import encode_latents
+
+    sae = _trained_like_sae(architecture)
+    x = torch.randn(37, 5)
+    full = sae.encode(0.7 * x)[:, 0]  # [n, d_sae]
+    picked = [7, 0, 3]
+    torch.testing.assert_close(encode_latents(sae, x, picked, scale=0.7, batch_size=8), full[:, picked])
+    torch.testing.assert_close(encode_latents(sae, x, scale=0.7), full)
+
+
+def test_encode_latents_errors():
+    from saelib.polysemanticity import encode_latents
+
+    sae = _trained_like_sae()
+    with pytest.raises(ValueError, match=r"latent\(s\) \[12\]"):
+        encode_latents(sae, torch.randn(4, 5), [1, 12])
+    with pytest.raises(ValueError, match="d_in=5"):
+        encode_latents(sae, torch.randn(4, 6))
+
+
+def test_sae_statistics_match_the_metrics_on_the_kept_rows():
+    from saelib.metrics import feature_density, fvu, l0
+    from saelib.polysemanticity import sae_statistics
+
+    sae = _trained_like_sae()
+    x = torch.randn(50, 5)
+    keep = torch.rand(50) > 0.3
+    stats = sae_statistics(sae, x, keep, scale=2.0, batch_size=7)
+    xk = 2.0 * x[keep]
+    x_hat, a = sae(xk)
+    assert stats["n_tokens"] == int(keep.sum())
+    assert stats["L0"] == pytest.approx(float(l0(a[:, 0])), rel=1e-6)
+    assert stats["FVU"] == pytest.approx(float(fvu(xk, x_hat[:, 0])), rel=1e-5)
+    torch.testing.assert_close(stats["density"], feature_density(a[:, 0]))
+    assert stats["dead_frac"] == pytest.approx(float((feature_density(a[:, 0]) == 0).float().mean()))
+
+
+def test_sae_statistics_errors():
+    from saelib.polysemanticity import sae_statistics
+
+    sae = _trained_like_sae()
+    with pytest.raises(ValueError, match="keep selects no row"):
+        sae_statistics(sae, torch.randn(4, 5), torch.zeros(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="keep must be"):
+        sae_statistics(sae, torch.randn(4, 5), torch.ones(3, dtype=torch.bool))
+
+
+def test_examine_latents_reports_the_sae_index_of_each_column():
+    acts = torch.zeros(2, 5, 2)
+    acts[0, 2, 0], acts[1, 3, 1] = 1.0, 2.0
+    tokens = torch.arange(10).view(2, 5)
+    reps = examine_latents(acts, tokens, decode, [1, 0], latent_ids=[40, 7])
+    assert [r.latent for r in reps] == [7, 40]
+    assert reps[0].max_act == 2.0
+    with pytest.raises(ValueError, match="latent_ids has 1 entries for 2 columns"):
+        examine_latents(acts, tokens, decode, [0], latent_ids=[3])

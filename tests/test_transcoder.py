@@ -22,6 +22,7 @@ from saelib.transcoder import (
     fold_scales,
     loss_recovered,
     loss_recovered_table,
+    recovered_at_l0,
     max_neuron_cosines,
     mlp_hook_names,
     neuron_cosines,
@@ -130,7 +131,7 @@ def test_spliced_losses_exact_zero_and_mean(normalization_type, layer):
     tokens[:, 0] = 0
     mean_out = torch.randn(16, generator=g)
     sm = handmade_sparse_mlp(model, layer, mean_out)
-    res = spliced_losses(model, tokens, sm, mean_out, batch_size=4, progress=False)
+    res = spliced_losses(model, tokens, sm, mean_out, tokens_per_batch=48, progress=False)
 
     out_hook = utils.get_act_name("mlp_out", layer)
 
@@ -177,6 +178,37 @@ def test_spliced_losses_without_skipping_bos_changes_bos_too():
     assert res.loss_sparse[1] == pytest.approx(zero, abs=1e-6)
 
 
+@pytest.mark.parametrize("layer", [0, 1])
+def test_spliced_losses_on_documents_of_unequal_length_count_each_document_alone(layer):
+    from saelib.corpus import DocumentTokens
+
+    model = tiny_model("RMS")
+    g = torch.Generator().manual_seed(2)
+    lengths = [12, 7, 3, 9]
+    tokens = torch.full((4, 12), 0, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, 1:n] = torch.randint(1, 40, (n - 1,), generator=g)
+    docs = DocumentTokens(tokens, torch.tensor(lengths), ("a", "b", "c", "d"), 0, torch.zeros(4, dtype=torch.bool))
+    mean_out = torch.randn(16, generator=g)
+    sm = handmade_sparse_mlp(model, layer, mean_out)
+    res = spliced_losses(model, docs, sm, mean_out, tokens_per_batch=24, progress=False)  # padded batches
+
+    out_hook = utils.get_act_name("mlp_out", layer)
+    zero_from_1 = lambda act, hook: torch.cat([act[:, :1], torch.zeros_like(act[:, 1:])], 1)
+    orig, zero, n_pred = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i, n in enumerate(lengths):  # each document alone, no padding
+            doc = tokens[i : i + 1, :n]
+            orig += hand_loss(model(doc), doc) * (n - 1)
+            zero += hand_loss(model.run_with_hooks(doc, fwd_hooks=[(out_hook, zero_from_1)]), doc) * (n - 1)
+            n_pred += n - 1
+    assert res.n_tokens == n_pred == sum(lengths) - 4
+    assert res.loss_orig == pytest.approx(orig / n_pred, abs=1e-5)
+    assert res.loss_zero == pytest.approx(zero / n_pred, abs=1e-5)
+    assert res.loss_sparse[0] == pytest.approx(orig / n_pred, abs=1e-5)  # the exact copy
+    assert res.loss_sparse[1] == pytest.approx(zero / n_pred, abs=1e-5)
+
+
 def test_loss_recovered_properties():
     r = LossRecovered(
         layer=0, S_values=(1.0, 2.0), loss_orig=1.0, loss_zero=3.0, loss_mean=2.0, loss_sparse=[1.5, 2.0],
@@ -184,10 +216,15 @@ def test_loss_recovered_properties():
     )
     assert r.recovered == [0.75, 0.5]
     assert r.recovered_vs_mean == [0.5, 0.0]
-    table = loss_recovered_table([r], S=2.0)
-    assert "| 0 | 1.000 | 3.000 | 2.000 | 2.000 |" in table and "50.0%" in table and "96%" in table
-    with pytest.raises(ValueError, match="not among"):
-        loss_recovered_table([r], S=7.0)
+    # at L0 <= 10 both S qualify and S=1 recovers more; at L0 <= 6 only S=2 (L0 5) does; at L0 <= 4 none
+    assert recovered_at_l0(r, 10)["S"] == 1.0 and recovered_at_l0(r, 10)["recovered"] == 0.75
+    assert recovered_at_l0(r, 6) == {"S": 2.0, "L0": 5.0, "recovered": 0.5, "recovered_vs_mean": 0.0, "kl": 0.2}
+    assert recovered_at_l0(r, 4) is None
+    with pytest.raises(ValueError, match="max_l0 must be > 0"):
+        recovered_at_l0(r, 0)
+    table = loss_recovered_table([r], max_l0=6, dead_frac={0: [0.25, 0.5]})
+    assert "| 0 | 2 | 5.0 | 50.0% | 1.000 | 3.000 | 2.000 | 2.000 | 0.200 | 50.0% | 0.0% | 0 | 3.72 | 1.24 | 96% |" in table
+    assert "none with L0 <= 4" in loss_recovered_table([r], max_l0=4)
 
 
 # ---------------------------------------------------------------------------- cosines

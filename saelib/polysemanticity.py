@@ -470,11 +470,14 @@ def reports_html(reports: Sequence[LatentReport], frac: float = 0.1, title: str 
 
 def plot_position_profiles(
     acts: Float[Tensor, "n_seq pos d_sae"], latents: Sequence[int], n_cols: int = 4, mask: Tensor | None = None,
-    min_count: int = 20,
+    min_count: int = 20, latent_ids: Sequence[int] | None = None,
 ) -> Figure:
     """Small multiples, one per latent: mean activation (and firing frequency, right axis)
-    against token position, position 0 being BOS; positions reached by fewer than ``min_count``
-    rows are not drawn."""
+    against position in the document from position 1 on (BOS, position 0, is left out of the
+    curves so that its outlier activation does not flatten them; its firing rate is in each
+    title); positions reached by fewer than ``min_count`` rows are not drawn. ``latents`` index
+    the last dimension of ``acts``; ``latent_ids[j]`` names column ``j`` in the titles (as in
+    :func:`examine_latents`)."""
     n = max(1, len(latents))
     n_rows = (n + n_cols - 1) // n_cols
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.2 * n_rows), squeeze=False)
@@ -485,16 +488,20 @@ def plot_position_profiles(
         ax.set_visible(True)
         prof = position_profile(acts[:, :, int(j)], mask)
         keep = (prof["count"] >= min_count).numpy()
+        keep[0] = False  # BOS
         prof = {k: v.numpy()[keep] for k, v in prof.items()}
         ax.plot(pos[keep], prof["mean"], color="C3", lw=1)
-        ax.set_title(f"latent {int(j)} (eta²={position_dependence(acts[:, :, int(j)], mask=mask):.2f})", fontsize=8)
+        name = int(j) if latent_ids is None else int(latent_ids[int(j)])
+        bos = bos_profile(acts[:, :, int(j)], mask)["bos"]
+        ax.set_title(f"latent {name} (eta²={position_dependence(acts[:, :, int(j)], mask=mask):.2f}, BOS {bos:.0%})",
+                     fontsize=8)
         ax.tick_params(labelsize=7)
         ax2 = ax.twinx()
         ax2.plot(pos[keep], prof["freq"], color="C0", lw=0.8, alpha=0.7)
         ax2.set_ylim(0, 1.05)
         ax2.tick_params(labelsize=7, colors="C0")
     for ax in axes[-1]:
-        ax.set_xlabel("position in document (0 = BOS)", fontsize=8)
+        ax.set_xlabel("position in document (BOS = 0 not drawn)", fontsize=8)
     fig.suptitle("mean activation (red) and firing frequency (blue, right axis) against position", fontsize=9)
     fig.tight_layout()
     return fig

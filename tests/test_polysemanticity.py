@@ -290,3 +290,14 @@ def test_examine_latents_reports_the_sae_index_of_each_column():
     assert reps[0].max_act == 2.0
     with pytest.raises(ValueError, match="latent_ids has 1 entries for 2 columns"):
         examine_latents(acts, tokens, decode, [0], latent_ids=[3])
+
+
+def test_position_profiles_name_columns_by_sae_index_and_leave_bos_out_of_the_curve():
+    acts = torch.zeros(30, 6, 2)
+    acts[:, 0, 1] = 100.0  # a huge BOS activation
+    acts[:, 1:, 1] = 1.0
+    fig = plot_position_profiles(acts, [1], latent_ids=[11, 42], min_count=1)
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("latent 42 ") and "BOS 100%" in ax.get_title()
+    xs, ys = ax.lines[0].get_data()
+    assert list(xs) == [1, 2, 3, 4, 5] and max(ys) == 1.0  # BOS not drawn

@@ -236,7 +236,7 @@ def test_smollm2_loss_recovered_one_layer(smollm2):
     x, y = flatten_tokens(acts[in_hook]), flatten_tokens(acts[out_hook])
     cfg = SparseMLPConfig(S_values=(-4.0,), d_sae=576, steps=150, batch_size=256, lr=2e-3, progress=False)
     sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=(in_hook, out_hook))
-    res = spliced_losses(lm.model, held, sm, y.mean(0), batch_size=4, progress=False)
+    res = spliced_losses(lm.model, held, sm, y.mean(0), tokens_per_batch=256, progress=False)
     assert 1.0 < res.loss_orig < 5.0  # a real language model on English text
     assert res.loss_orig < res.loss_sparse[0] < res.loss_zero
     assert res.loss_zero > res.loss_orig + 3.0

@@ -11,7 +11,7 @@ STAMP := $(VENV)/.saelib-installed
 RUN := PATH="$(abspath $(VENV))/bin:$$PATH"
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 
-.PHONY: env figures notebooks test test-portable unit benchmark clean-cache
+.PHONY: env figures notebooks test test-portable test-browser unit benchmark clean-cache
 
 env: $(STAMP)
 
@@ -62,6 +62,19 @@ test-portable:
 		env $$setting $(MAKE) test || { echo "test-portable: make test FAILED with $$setting" >&2; exit 1; }; \
 	done; \
 	echo "test-portable: make test passed with both settings"
+
+# make test-browser: every notebook with widgets opened in JupyterLab in headless Chromium (Playwright),
+# all cells run at quick sizes, every widget changed once, its output checked to redraw and no cell or
+# widget to show an error; one screenshot per notebook (tests/browser/test_widgets_browser.py).
+# Chromium comes from apt (Playwright's own browser download is not used).
+CHROMIUM ?= /usr/bin/chromium
+test-browser: $(STAMP)
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet playwright
+	@test -x "$(CHROMIUM)" || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; \
+		else echo "error: make test-browser needs Chromium at $(CHROMIUM): run 'sudo apt-get install -y chromium' (or make CHROMIUM=/path/to/chromium test-browser)" >&2; exit 1; fi; }
+	$(RUN) SAELIB_BROWSER_TEST=1 SAELIB_CHROMIUM="$(CHROMIUM)" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+		$(PY) -m pytest -p no:cacheprovider -s tests/browser
 
 unit: $(STAMP)
 	$(RUN) $(PY) -m pytest tests

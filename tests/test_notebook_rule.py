@@ -56,3 +56,12 @@ def test_widget_lambdas_take_exactly_their_widgets(path):
             continue
         for args, kws in _interact_calls(cell.replace("%matplotlib inline", "")):
             assert sorted(args) == sorted(kws), f"{path.name}: lambda takes {args}, widgets {kws}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_first_code_cell_is_the_parameters_cell(path):
+    """Every notebook's knobs sit in one code cell tagged ``parameters`` (papermill's convention), the
+    first code cell: make test-browser, and anyone running a notebook at other sizes, override it there."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert tagged == [0], f"{path.name}: code cells tagged 'parameters': {tagged} (expected only the first)"

@@ -377,8 +377,9 @@ def spliced_losses(
         sums["orig"] += ce
         n_pred += int(valid.sum())
         mid, mlp_in, mlp_out = cache[mid_hook], cache[in_hook], cache[out_hook]
-        acts = sparse_mlp.latents(mlp_in)  # [b, width, inst, d_sae]
-        outs = sparse_mlp(mlp_in)  # [b, width, inst, d_model]
+        flat_out, flat_acts = sparse_mlp.sae(mlp_in.reshape(-1, mlp_in.shape[-1]))  # one encode for both
+        outs = flat_out.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_model]
+        acts = flat_acts.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_sae]
         variants = {"zero": torch.zeros(d_model), "mean": mean_mlp_out}
         variants.update({i: outs[..., i, :] for i in range(n_inst)})
         for name, value in variants.items():

@@ -38,7 +38,10 @@ The feature-frequency term follows the classic sparse-autoencoder KL sparsity pe
 CS294A lecture notes "Sparse autoencoder", section 3):
 ``KL(rho || f_j) = rho log(rho / f_j) + (1 - rho) log((1 - rho) / (1 - f_j))`` with ``f_j`` the
 batch mean of the smooth indicator ``1 - exp(-s / eps)`` (a differentiable firing frequency) and
-target ``rho = FREQ_TARGET``. It grows without bound as a latent's frequency goes to 0, the
+target ``rho`` (``FREQ_TARGET`` unless the caller gives one: :func:`saelib.train.train_sae` uses
+``target_l0 / d_sae`` when it steers L0 to a target, the frequency at which every latent would fire
+equally often at the target L0; with 0.05 and 4,608 latents the frequency term alone asks for an L0
+of 230 and overrides a target of 32). It grows without bound as a latent's frequency goes to 0, the
 "sparsity-frequency penalty" that seed 003 pairs with an L0 approximation to avoid dead latents;
 seed 003 does not give its formulas, so these are our choice.
 
@@ -52,7 +55,7 @@ gradient is exact and reaches ``1 / (2 sqrt(LP_FLOOR)) = 5e5``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -104,10 +107,11 @@ def _smooth_l0(s: Tensor) -> Tensor:
     return -torch.expm1(-s.abs() / SMOOTH_L0_EPS)
 
 
-def _smooth_l0_freq(scaled: Float[Tensor, "batch inst d_sae"]) -> Float[Tensor, "inst d_sae"]:
+def _smooth_l0_freq(
+    scaled: Float[Tensor, "batch inst d_sae"], rho: float | Tensor = FREQ_TARGET
+) -> Float[Tensor, "inst d_sae"]:
     ind = _smooth_l0(scaled)  # [batch, inst, d_sae], soft "is active"
     freq = ind.mean(dim=0).clamp(_FREQ_CLAMP, 1 - _FREQ_CLAMP)  # [inst, d_sae]
-    rho = FREQ_TARGET
     kl = rho * torch.log(rho / freq) + (1 - rho) * torch.log((1 - rho) / (1 - freq))
     return ind.mean(dim=0) + FREQ_WEIGHT * kl
 
@@ -122,8 +126,9 @@ PENALTIES: dict[str, Callable[[Tensor], Tensor]] = {
     "smooth_l0": _smooth_l0,  # improper
 }
 
-# batch-level penalties: scaled activations [batch, inst, d_sae] -> per-latent penalty [inst, d_sae]
-BATCH_PENALTIES: dict[str, Callable[[Tensor], Tensor]] = {
+# batch-level penalties: (scaled activations [batch, inst, d_sae], target frequency rho: a float or
+# [inst, 1]) -> per-latent penalty [inst, d_sae]
+BATCH_PENALTIES: dict[str, Callable[[Tensor, float | Tensor], Tensor]] = {
     "smooth_l0_freq": _smooth_l0_freq,
 }
 
@@ -155,19 +160,40 @@ def per_latent_penalty(
     acts: Float[Tensor, "batch inst d_sae"],
     decoder_norms: Float[Tensor, "inst d_sae"],
     kind: str = "l1",
+    freq_target: float | Sequence[float] = FREQ_TARGET,
 ) -> Float[Tensor, "inst d_sae"]:
     """Per-latent penalty of one batch: the batch mean of ``pen(a_j * ||W_dec[j]||)`` for an
     elementwise penalty, or the batch-level penalty of the scaled activations.
 
-    Pass ones as ``decoder_norms`` to penalise raw activations.
+    Pass ones as ``decoder_norms`` to penalise raw activations. ``freq_target`` is the target
+    firing frequency ``rho`` of the ``smooth_l0_freq`` frequency term, one for all instances or one
+    per instance (ignored by the other penalties).
 
-    Raises ValueError for an unknown ``kind`` (the known ones are :func:`penalty_names`).
+    Raises ValueError for an unknown ``kind`` (the known ones are :func:`penalty_names`), or a
+    ``freq_target`` outside ``(0, 1)`` or with a length other than ``inst``.
     """
     _check_kind(kind)
     scaled = acts * decoder_norms
     if kind in BATCH_PENALTIES:
-        return BATCH_PENALTIES[kind](scaled)
+        rho = _rho(freq_target, acts.shape[1])
+        return BATCH_PENALTIES[kind](scaled, rho if isinstance(rho, float) else rho.to(scaled))
     return PENALTIES[kind](scaled).mean(dim=0)
+
+
+def _rho(freq_target: float | Sequence[float], n_inst: int) -> float | Tensor:
+    """``freq_target`` as a float when it is one value for every instance (so the arithmetic is
+    the same as with the module constant), else as a float64 ``[inst, 1]`` tensor."""
+    vals = [float(freq_target)] if isinstance(freq_target, (int, float)) else [float(v) for v in freq_target]
+    bad = [v for v in vals if not 0 < v < 1]
+    if bad:
+        raise ValueError(f"freq_target must be in (0, 1), got {bad}")
+    if len(vals) == 1 or all(v == vals[0] for v in vals):
+        if len(vals) not in (1, n_inst):
+            raise ValueError(f"freq_target has {len(vals)} entries for {n_inst} instances")
+        return vals[0]
+    if len(vals) != n_inst:
+        raise ValueError(f"freq_target has {len(vals)} entries for {n_inst} instances")
+    return torch.tensor(vals, dtype=torch.float64)[:, None]
 
 
 def implied_log_prior(kind: str, s: Float[Tensor, "*shape"], coeff: float) -> Float[Tensor, "*shape"]:

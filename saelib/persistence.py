@@ -22,9 +22,10 @@ SAELens computes ``ReLU((x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc)`` as 
   ``"jumprelu_transcoder"`` (with ``d_out``).
 
 Saved with a saelib-only architecture name (``"saelib_<architecture>"``), which :func:`load_sae`
-reads and SAELens refuses (a KeyError on the unknown architecture): a TopK transcoder (SAELens
-6.54 has no TopK transcoder), and a BatchTopK SAE with no threshold yet (never trained, NaN) or a
-negative one.
+reads and SAELens cannot: a TopK transcoder (SAELens 6.54 has no TopK transcoder), and a BatchTopK
+SAE with no threshold yet (never trained, NaN) or a negative one. ``sae_lens.SAE.load_from_disk``
+stops on such a folder with a bare KeyError on the architecture name; :func:`load_sae_lens` opens
+every other folder in SAELens and refuses these two with a message that says why.
 
 Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so
 a failed write never leaves a half-written file behind; a process killed mid-write can leave its
@@ -44,7 +45,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from .sae import SAE, SAEConfig
 
-__all__ = ["save_sae", "load_sae", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "save_instances", "load_sae", "load_sae_lens", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"
@@ -283,6 +284,42 @@ def save_sae(
     return folder
 
 
+def save_instances(
+    sae: SAE,
+    folder: str | Path,
+    names: Sequence[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    instances: Sequence[int] | None = None,
+) -> list[Path]:
+    """Save instances of ``sae`` with :func:`save_sae`, each in its own SAELens-layout subfolder of
+    ``folder``: ``folder / names[k]`` for the k-th saved instance (default ``instance_<i>`` with
+    ``i`` the instance index, zero-padded to the width of the largest index). ``instances``
+    picks which (default: all, in order). ``metadata`` and ``training`` are written into every
+    ``cfg.json``; each also records its instance index (``metadata.saelib_instance``).
+
+    Returns the subfolders in the order of ``instances``. Raises IndexError for an instance out
+    of range; ValueError if ``names`` does not give one distinct, non-empty name per saved
+    instance or a name is not a plain folder name (no ``/``, not ``.`` or ``..``); plus every
+    error of :func:`save_sae` (instances saved before a failing one stay saved).
+    """
+    if not isinstance(sae, SAE):
+        raise TypeError(f"save_instances expects a saelib.sae.SAE, got {type(sae).__name__}")
+    ids = list(range(sae.n_inst)) if instances is None else [int(i) for i in instances]
+    out_of_range = [i for i in ids if not 0 <= i < sae.n_inst]
+    if out_of_range:
+        raise IndexError(f"instances {out_of_range} out of range for n_inst={sae.n_inst}")
+    width = len(str(sae.n_inst - 1))
+    names = [f"instance_{i:0{width}d}" for i in ids] if names is None else [str(n) for n in names]
+    if len(names) != len(ids) or len(set(names)) != len(names):
+        raise ValueError(f"names must give {len(ids)} distinct folder names (one per saved instance), got {names!r}")
+    bad = [n for n in names if not n or n in (".", "..") or "/" in n or os.sep in n]
+    if bad:
+        raise ValueError(f"instance folder names must be plain names, got {bad!r}")
+    root = Path(folder)
+    return [save_sae(sae, root / name, instance=i, metadata=metadata, training=training) for i, name in zip(ids, names)]
+
+
 # ---------------------------------------------------------------------------- loading
 def _read_cfg(cfg_path: Path) -> dict[str, Any]:
     if not cfg_path.is_file():
@@ -422,6 +459,46 @@ def load_sae(path: str | Path) -> SAE:
         if threshold is not None:
             sae.threshold.copy_(threshold)
     return sae.eval()
+
+
+_SAELENS_REFUSALS = {
+    "saelib_topk": "it is a TopK transcoder (d_out != d_in), and SAELens {version} has no TopK transcoder "
+    "architecture (its 'transcoder' is a ReLU encoder, its 'topk' has d_out = d_in)",
+    "saelib_batchtopk": "it is a BatchTopK SAE whose inference threshold is not set (NaN: never trained, or "
+    "negative), so it has no JumpReLU equivalent; train it (the threshold is the running mean of the smallest "
+    "kept activation) and save it again",
+}
+
+
+def load_sae_lens(path: str | Path) -> Any:
+    """Open a folder written by :func:`save_sae` (or by SAELens) with ``sae_lens.SAE.load_from_disk``.
+
+    Same as calling SAELens directly, except for the two saelib-only kinds (see the module
+    docstring), for which SAELens itself raises a bare ``KeyError``. Returns the SAELens SAE (on
+    CPU, float32). It reads the hook's activations as they were fed to training: multiply them by
+    ``cfg.json``'s ``saelib_training.input_scale`` where one is stored.
+
+    Raises:
+        FileNotFoundError: the folder or its ``cfg.json`` is missing.
+        ValueError: the folder holds a TopK transcoder or a BatchTopK SAE without a threshold
+            (the message says why SAELens cannot represent it and points to :func:`load_sae`), or
+            ``cfg.json`` is not valid JSON.
+        ImportError: ``sae_lens`` is not installed (it is in the ``notebooks`` extra).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"SAE folder {folder} not found (or not a directory)")
+    cfg = _read_cfg(folder / CFG_FILENAME)
+    reason = _SAELENS_REFUSALS.get(cfg.get("architecture"))
+    if reason is not None:
+        raise ValueError(
+            f"{folder} cannot be opened in SAELens: "
+            + reason.format(version=SAELENS_FORMAT_VERSION)
+            + "; open it with saelib.persistence.load_sae"
+        )
+    import sae_lens  # optional dependency, imported only here
+
+    return sae_lens.SAE.load_from_disk(str(folder), device="cpu")
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache

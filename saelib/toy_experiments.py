@@ -72,7 +72,8 @@ class NarrowSweep:
     cosine with the children (mean over children) and with the parent; ``child_cos`` /
     ``parent_cos`` are their medians over seeds, ``[n_q, n_l1]``; ``predicted`` is ``[n_q]``, the
     closed-form child cosine of :func:`saelib.hedging.hedged_child_cosine`; ``mse`` is
-    ``[n_q, n_l1]``, the median over seeds of the trained SAEs' reconstruction MSE on a fresh sample.
+    ``[n_q, n_l1]``, the median over seeds of the trained SAEs' reconstruction MSE on a fresh sample;
+    ``sae`` holds the trained SAEs, one instance per (q, L1, seed) in that order.
     """
 
     q_values: list[float]
@@ -83,6 +84,7 @@ class NarrowSweep:
     mse: torch.Tensor
     child_cos_seeds: torch.Tensor
     parent_cos_seeds: torch.Tensor
+    sae: SAE | None = None
 
 
 def narrow_sae_sweep(
@@ -130,5 +132,5 @@ def narrow_sae_sweep(
         child_cos=child_cos.median(-1).values, parent_cos=parent_cos.median(-1).values,
         predicted=torch.tensor([hedged_child_cosine(q, n_children, exclusive) for q in q_values]),
         mse=mse.reshape(shape).median(-1).values,
-        child_cos_seeds=child_cos, parent_cos_seeds=parent_cos,
+        child_cos_seeds=child_cos, parent_cos_seeds=parent_cos, sae=sae,
     )

@@ -38,7 +38,7 @@ from .matryoshka import (
     matryoshka_recon_loss,
     matryoshka_variant_loss,
 )
-from .penalties import per_latent_penalty
+from .penalties import FREQ_TARGET, per_latent_penalty
 from .sae import SAE
 
 __all__ = [
@@ -80,6 +80,10 @@ class TrainConfig:
         l1_warmup_frac: fraction of the steps over which the coefficient ramps up linearly from 0.
         penalty: sparsity penalty name (see :mod:`saelib.penalties`), or one per instance;
             ignored for TopK/BatchTopK.
+        freq_target: target firing frequency ``rho`` of the ``smooth_l0_freq`` penalty's frequency
+            term (one value, or one per instance). None: ``target_l0 / d_sae`` when ``target_l0``
+            is set (every latent firing equally often at the target L0), else
+            :data:`saelib.penalties.FREQ_TARGET` (0.05). Ignored by the other penalties.
         scale_penalty_by_decoder_norm: apply the penalty to ``a_j * ||W_dec[j]||`` (True) or to
             the raw activation ``a_j`` (False, e.g. for a sparse MLP with a fixed decoder scale).
         matryoshka: None for a plain SAE, else the prefix configuration, or one configuration
@@ -136,6 +140,7 @@ class TrainConfig:
     l1_adapt_eps: float = 3e-4
     l1_warmup_frac: float = 0.2
     penalty: str | Sequence[str] = "l1"
+    freq_target: float | Sequence[float] | None = None
     scale_penalty_by_decoder_norm: bool = True
     matryoshka: MatryoshkaConfig | Sequence[MatryoshkaConfig] | None = None
     unit_norm_decoder: bool = False
@@ -173,6 +178,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas must be in [0, 1), got {self.betas!r}")
         if self.grad_clip is not None and not (self.grad_clip > 0):
             raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.freq_target is not None:
+            ft = [self.freq_target] if isinstance(self.freq_target, (int, float)) else list(self.freq_target)
+            if not ft or not all(isinstance(v, (int, float)) and 0 < v < 1 for v in ft):
+                raise ValueError(f"TrainConfig.freq_target must be None or values in (0, 1), got {self.freq_target!r}")
         if self.instance_ids is not None:
             if not self.independent_instances:
                 raise ValueError("TrainConfig.instance_ids needs independent_instances=True")
@@ -460,7 +469,20 @@ def _penalty_kinds(penalty: str | Sequence[str], n_inst: int) -> list[str]:
     return kinds
 
 
-def _penalty(acts: Tensor, scale: Tensor, kinds: list[str]) -> Tensor:
+def _freq_targets(cfg: TrainConfig, target: Tensor | None, n_inst: int, d_sae: int) -> list[float]:
+    """Per-instance target frequency of the ``smooth_l0_freq`` penalty (see ``TrainConfig.freq_target``)."""
+    if cfg.freq_target is not None:
+        ft = cfg.freq_target
+        vals = [float(ft)] * n_inst if isinstance(ft, (int, float)) else [float(v) for v in ft]
+        if len(vals) != n_inst:
+            raise ValueError(f"TrainConfig.freq_target has {len(vals)} values but n_inst={n_inst}")
+        return vals
+    if target is not None:
+        return (target.double() / d_sae).tolist()
+    return [FREQ_TARGET] * n_inst
+
+
+def _penalty(acts: Tensor, scale: Tensor, kinds: list[str], freq_target: list[float]) -> Tensor:
     """Per-latent penalty ``[inst, d_sae]``, each instance with its own penalty kind.
 
     ``acts`` are ReLU outputs (>= 0), so the L1 penalty ``mean_batch(a_j * scale_j)`` is computed
@@ -470,11 +492,12 @@ def _penalty(acts: Tensor, scale: Tensor, kinds: list[str]) -> Tensor:
     if all(k == "l1" for k in kinds):
         return acts.sum(0) * (scale / acts.shape[0])
     if all(k == kinds[0] for k in kinds):
-        return per_latent_penalty(acts, scale, kinds[0])
+        return per_latent_penalty(acts, scale, kinds[0], freq_target)
     out = acts.new_zeros(acts.shape[1:])
     for kind in dict.fromkeys(kinds):
-        idx = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
-        out = out.index_copy(0, idx, per_latent_penalty(acts[:, idx], scale[idx], kind))
+        ids = [i for i, k in enumerate(kinds) if k == kind]
+        idx = torch.tensor(ids)
+        out = out.index_copy(0, idx, per_latent_penalty(acts[:, idx], scale[idx], kind, [freq_target[i] for i in ids]))
     return out
 
 
@@ -529,6 +552,7 @@ def train_sae(
             )
     uses_penalty = sae.cfg.architecture == "relu"
     kinds = _penalty_kinds(cfg.penalty, n_inst)
+    freq_target = _freq_targets(cfg, target, n_inst, d_sae)
     mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst)
     if term_mask is not None and mplan is None:
         raise ValueError("term_mask needs a Matryoshka loss (TrainConfig.matryoshka is None)")
@@ -604,7 +628,7 @@ def train_sae(
         ramp = min(1.0, (step + 1) / l1_warmup)
         if uses_penalty:
             scale = sae.decoder_norms() if cfg.scale_penalty_by_decoder_norm else torch.ones(n_inst, d_sae)
-            pen = _penalty(acts, scale, kinds)  # [inst, d_sae]
+            pen = _penalty(acts, scale, kinds, freq_target)  # [inst, d_sae]
             if weights is not None and mplan.sparsity_by_prefix.any():
                 by_prefix = mplan.sparsity_by_prefix[:, None]
                 scale_in = mplan.inner_grad_scale if mplan.routes_gradient else None

@@ -80,6 +80,26 @@ def test_smooth_l0_freq_matches_hand_computed_kl():
     torch.testing.assert_close(out, expected)
 
 
+def test_smooth_l0_freq_per_instance_target():
+    # instance i with target rho_i equals the one-instance penalty computed with that rho by hand
+    acts = torch.zeros(4, 2, 2, dtype=torch.float64)
+    acts[0, :, 0] = 1.0
+    rhos = [0.05, 0.01]
+    out = per_latent_penalty(acts, torch.ones(2, 2, dtype=torch.float64), "smooth_l0_freq", freq_target=rhos)
+    f0 = (1 - math.exp(-1.0 / SMOOTH_L0_EPS)) / 4
+    for i, rho in enumerate(rhos):
+        kl = rho * math.log(rho / f0) + (1 - rho) * math.log((1 - rho) / (1 - f0))
+        torch.testing.assert_close(out[i, 0], torch.tensor(f0 + FREQ_WEIGHT * kl, dtype=torch.float64))
+    # a silent latent at a lower target costs less: rho log(rho / 1e-6) shrinks with rho
+    assert out[1, 1] < out[0, 1]
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, [0.1, 1.5], [0.1, 0.2, 0.3]])
+def test_smooth_l0_freq_bad_target(bad):
+    with pytest.raises(ValueError, match="freq_target"):
+        per_latent_penalty(torch.ones(3, 2, 4), torch.ones(2, 4), "smooth_l0_freq", freq_target=bad)
+
+
 def test_frequency_term_pushes_rare_latents_up_and_dense_latents_down():
     # gradient of the batch penalty w.r.t. an activation: negative (increase it) for a rare latent
     acts = torch.zeros(100, 1, 2, dtype=torch.float64)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import saelib.persistence
-from saelib.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, save_sae
+from saelib.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, load_sae_lens, save_instances, save_sae
 from saelib.sae import SAE, SAEConfig
 
 D_IN, D_SAE, N_INST, INST = 6, 10, 3, 2
@@ -123,6 +123,8 @@ def test_untrained_batchtopk_is_saelib_only(tmp_path, sae_lens):
     assert_same_state(loaded, sae.instance(0))
     with pytest.raises(KeyError):
         sae_lens.SAE.load_from_disk(folder)
+    with pytest.raises(ValueError, match="BatchTopK SAE whose inference threshold is not set.*saelib.persistence.load_sae"):
+        load_sae_lens(folder)
 
 
 def test_topk_transcoder_is_saelib_only(tmp_path, sae_lens):
@@ -131,6 +133,24 @@ def test_topk_transcoder_is_saelib_only(tmp_path, sae_lens):
     assert_same_state(load_sae(folder), sae.instance(0))
     with pytest.raises(KeyError):
         sae_lens.SAE.load_from_disk(folder)
+    with pytest.raises(ValueError, match="TopK transcoder.*no TopK transcoder"):
+        load_sae_lens(folder)
+
+
+@pytest.mark.parametrize("case", ["relu", "topk", "batchtopk", "transcoder"])
+def test_load_sae_lens_opens_what_sae_lens_can(tmp_path, sae_lens, case):
+    kwargs, sae_lens_class = CASES[case]
+    sae = build_sae(**kwargs)
+    loaded = load_sae_lens(save_sae(sae, tmp_path / "sae", instance=INST))
+    assert type(loaded).__name__ == sae_lens_class
+    x = torch.randn(32, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode(x), sae.encode(x)[:, INST])
+
+
+def test_load_sae_lens_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_sae_lens(tmp_path / "nowhere")
 
 
 def test_use_b_dec_false_round_trip(tmp_path):
@@ -398,3 +418,39 @@ def test_load_or_train_refuses_several_instances(tmp_path, monkeypatch):
     monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="n_inst=3"):
         load_or_train(build_sae("relu"), torch.randn(10, D_IN), _train_cfg(), "a")
+
+
+def test_save_instances_one_folder_per_instance(tmp_path):
+    sae = build_sae("relu")
+    meta = {"hook_name": "blocks.0.hook_resid_pre"}
+    folders = save_instances(sae, tmp_path / "run", metadata=meta, training={"steps": 7})
+    assert [f.name for f in folders] == ["instance_0", "instance_1", "instance_2"]
+    for i, f in enumerate(folders):
+        assert_same_state(load_sae(f), sae.instance(i))
+        cfg = json.loads((f / CFG_FILENAME).read_text())
+        assert cfg["metadata"]["saelib_instance"] == i and cfg["metadata"]["hook_name"] == meta["hook_name"]
+        assert cfg["saelib_training"] == {"steps": 7}
+
+
+def test_save_instances_named(tmp_path):
+    sae = build_sae("relu")
+    folders = save_instances(sae, tmp_path, names=["S=1", "S=2", "S=4"])
+    assert [f.name for f in folders] == ["S=1", "S=2", "S=4"]
+    assert_same_state(load_sae(folders[2]), sae.instance(2))
+
+
+@pytest.mark.parametrize("names", [["a", "b"], ["a", "a", "b"], ["a", "b/c", "d"], ["a", "..", "b"], ["a", "", "b"]])
+def test_save_instances_bad_names(tmp_path, names):
+    with pytest.raises(ValueError, match="names"):
+        save_instances(build_sae("relu"), tmp_path, names=names)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_instances_subset(tmp_path):
+    sae = build_sae("relu")
+    folders = save_instances(sae, tmp_path, names=["a", "b"], instances=[2, 0])
+    assert_same_state(load_sae(folders[0]), sae.instance(2))
+    assert_same_state(load_sae(folders[1]), sae.instance(0))
+    assert json.loads((folders[0] / CFG_FILENAME).read_text())["metadata"]["saelib_instance"] == 2
+    with pytest.raises(IndexError, match=r"\[3\]"):
+        save_instances(sae, tmp_path / "x", instances=[0, 3])

@@ -530,7 +530,7 @@ def test_l1_penalty_fast_path_equals_the_general_penalty_and_its_gradients():
     scale = torch.rand(2, 6, generator=g, dtype=torch.float64) + 0.5
     weights = torch.randn(2, 6, generator=g, dtype=torch.float64)
     results = []
-    for fn in (lambda a, s: _penalty(a, s, ["l1", "l1"]), lambda a, s: per_latent_penalty(a, s, "l1")):
+    for fn in (lambda a, s: _penalty(a, s, ["l1", "l1"], [0.05, 0.05]), lambda a, s: per_latent_penalty(a, s, "l1")):
         a, s = acts.clone().requires_grad_(True), scale.clone().requires_grad_(True)
         pen = fn(a, s)
         (pen * weights).sum().backward()
@@ -569,3 +569,37 @@ def test_retain_freed_cpu_memory_stops_page_faults_on_reallocation():
     assert ok == "True"
     # the heap may still grow once (one 64 MiB block of faults); the other 7 reuse it
     assert int(retained) <= int(default) // 4, (default, retained)
+
+
+def _penalty_with(freq_target, target_l0):
+    """train_sae's per-latent smooth_l0_freq penalty of one batch for these settings."""
+    import saelib.train as tr
+    sae = SAE(build_sae_cfg(d_in=6, d_sae=8, n_inst=2, seed=3))
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    acts = sae.encode(x)
+    kinds = ["smooth_l0_freq"] * 2
+    cfg = build_train_cfg(penalty="smooth_l0_freq", freq_target=freq_target, target_l0=target_l0)
+    target = None if target_l0 is None else tr._per_instance(target_l0, 2, "target_l0")
+    return tr._penalty(acts, sae.decoder_norms(), kinds, tr._freq_targets(cfg, target, 2, 8))
+
+
+def test_freq_target_defaults_to_target_l0_over_d_sae():
+    from saelib.penalties import per_latent_penalty
+    sae = SAE(build_sae_cfg(d_in=6, d_sae=8, n_inst=2, seed=3))
+    acts = sae.encode(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)))
+    got = _penalty_with(None, [2.0, 4.0])
+    want = per_latent_penalty(acts, sae.decoder_norms(), "smooth_l0_freq", freq_target=[2 / 8, 4 / 8])
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # no target L0: the module constant; an explicit value wins over target_l0 / d_sae
+    torch.testing.assert_close(_penalty_with(None, None),
+                               per_latent_penalty(acts, sae.decoder_norms(), "smooth_l0_freq"), rtol=0, atol=0)
+    torch.testing.assert_close(_penalty_with(0.3, [2.0, 4.0]),
+                               per_latent_penalty(acts, sae.decoder_norms(), "smooth_l0_freq", freq_target=0.3),
+                               rtol=0, atol=0)
+    assert not torch.equal(got, _penalty_with(None, None))
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, [0.1, 2.0], [], "a"])
+def test_freq_target_validated(bad):
+    with pytest.raises(ValueError, match="freq_target"):
+        build_train_cfg(freq_target=bad)

@@ -54,8 +54,8 @@ def active_latents(
     row, col = (flat.detach() != 0).nonzero(as_tuple=True)  # row-major, so col ascends per row
     counts = torch.bincount(row, minlength=batch * inst)
     n_active = int(counts.max()) if counts.numel() else 0
-    slot = torch.arange(len(row)) - (counts.cumsum(0) - counts)[row]  # rank within its row
-    idx = torch.zeros(batch * inst, n_active, dtype=torch.long)
+    slot = torch.arange(len(row), device=acts.device) - (counts.cumsum(0) - counts)[row]  # rank within its row
+    idx = torch.zeros(batch * inst, n_active, dtype=torch.long, device=acts.device)
     idx[row, slot] = col
     vals = flat.new_zeros(batch * inst, n_active).index_put((row, slot), flat[row, col])
     return idx.view(batch, inst, n_active), vals.view(batch, inst, n_active)
@@ -146,9 +146,9 @@ def sparse_prefix_loss(
     # gathers e (coefficient -1, tail weight W) followed by the active decoder rows.
     e = (x - b_dec).reshape(rows, d_in)  # [rows, d_in]
     table = torch.cat([W_dec.reshape(inst * d_sae, d_in), e])  # [inst*d_sae + rows, d_in]
-    inst_offset = (torch.arange(inst) * d_sae).view(1, inst, 1)
+    inst_offset = (torch.arange(inst, device=acts.device) * d_sae).view(1, inst, 1)
     lat_rows = (idx + inst_offset).reshape(rows, n_active)
-    e_rows = torch.arange(inst * d_sae, inst * d_sae + rows).unsqueeze(1)
+    e_rows = torch.arange(inst * d_sae, inst * d_sae + rows, device=acts.device).unsqueeze(1)
     index = torch.cat([e_rows, lat_rows], 1)  # [rows, L+1] rows of the table
 
     coef = torch.cat([-vals.new_ones(rows, 1), vals.reshape(rows, n_active)], 1)  # [rows, L+1]

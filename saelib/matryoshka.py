@@ -184,7 +184,7 @@ def latent_weights(
     if inner_grad_scale is None:
         return tail
     w_home = weights.gather(-1, _home_prefix(weights))
-    gamma = inner_grad_scale.to(weights.dtype)[:, None]
+    gamma = inner_grad_scale.to(weights)[:, None]
     return w_home + gamma * (tail - w_home)
 
 
@@ -329,6 +329,16 @@ class PerInstanceMatryoshka:
             sparsity_by_prefix=torch.tensor([c.weight_sparsity_by_prefix for c in cfgs]),
         )
 
+    def to(self, device: torch.device | str) -> "PerInstanceMatryoshka":
+        """The same plan with its tensors on ``device`` (the SAE's, for training)."""
+        return PerInstanceMatryoshka(
+            self.configs,
+            self.inner_grad_scale.to(device),
+            self.permute.to(device),
+            self.permute_ema.to(device),
+            self.sparsity_by_prefix.to(device),
+        )
+
     @property
     def routes_gradient(self) -> bool:
         """True if some instance scales the gradient into inner latents."""
@@ -372,7 +382,7 @@ def previous_prefix(weights: Float[Tensor, "inst d_sae"]) -> Int[Tensor, "inst d
     prefix ``m`` adds; latents ``< prev(m)`` belong to smaller chosen prefixes ("inner").
     """
     d_sae = weights.shape[-1]
-    lengths = torch.arange(1, d_sae + 1).expand_as(weights) * (weights > 0)  # 0 where not chosen
+    lengths = torch.arange(1, d_sae + 1, device=weights.device).expand_as(weights) * (weights > 0)  # 0 where not chosen
     upto = lengths.cummax(dim=-1).values  # largest chosen length <= m
     return torch.cat([torch.zeros_like(upto[:, :1]), upto[:, :-1]], dim=-1)
 
@@ -398,7 +408,7 @@ def routed_prefix_errors(
     full = cum[:, :, 1:]  # recon of prefix m (without b_dec), [b, i, s, d]
     prev = previous_prefix(weights)  # [inst, s]
     inner = cum.gather(2, prev[None, :, :, None].expand(batch, inst, d_sae, cum.shape[-1]))
-    scale = inner_grad_scale.to(contrib.dtype)[None, :, None, None]
+    scale = inner_grad_scale.to(contrib)[None, :, None, None]
     # forward: full; backward through the inner part scaled by inner_grad_scale
     recon = full - (1 - scale) * (inner - inner.detach())
     return ((x - b_dec)[:, :, None, :] - recon).pow(2).sum(-1)
@@ -433,7 +443,7 @@ def prefix_term_errors(
 def _home_prefix(weights: Float[Tensor, "inst d_sae"]) -> Int[Tensor, "inst d_sae"]:
     """Column of the smallest chosen prefix that contains each latent (its block)."""
     d_sae = weights.shape[-1]
-    cols = torch.arange(d_sae).expand_as(weights)
+    cols = torch.arange(d_sae, device=weights.device).expand_as(weights)
     chosen_col = torch.where(weights > 0, cols, torch.full_like(cols, d_sae))
     return chosen_col.flip(-1).cummin(-1).values.flip(-1).clamp_max(d_sae - 1)
 
@@ -508,7 +518,7 @@ def matryoshka_variant_loss(
         if routed is None or len(routed) == 0:
             return loss
         r = routed
-        gamma = inner_grad_scale[r].to(loss.dtype)
+        gamma = inner_grad_scale[r].to(loss)
         sur = _block_only_surrogate(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r])
         routed_loss = gamma * loss[r] + (1 - gamma) * (loss[r].detach() + sur - sur.detach())
         return loss.index_copy(0, r, routed_loss)
@@ -523,7 +533,7 @@ def matryoshka_variant_loss(
     whole = keep[:, routed].eq(1).all(dim=2).all(dim=0)
     r = routed[whole]
     if len(r):
-        gamma = inner_grad_scale[r].to(loss.dtype)
+        gamma = inner_grad_scale[r].to(loss)
         sur = _block_only_surrogate(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r])
         loss = loss.index_copy(0, r, gamma * loss[r] + (1 - gamma) * (loss[r].detach() + sur - sur.detach()))
     r = routed[~whole]
@@ -560,12 +570,12 @@ def parent_child_split_terms(
     inst = latent_of_feature.shape[0]
     child = (parent_index >= 0).nonzero().flatten()  # [n_pairs]
     parent = parent_index[child]
-    out = torch.zeros(batch, inst, d_sae, dtype=torch.bool)
+    out = torch.zeros(batch, inst, d_sae, dtype=torch.bool, device=coeffs.device)
     if len(child) == 0:
         return out
     both = (coeffs[:, child] > 0) & (coeffs[:, parent] > 0)  # [batch, n_pairs]
     lp, lc = latent_of_feature[:, parent], latent_of_feature[:, child]  # [inst, n_pairs]
-    cols = torch.arange(d_sae)  # column k <-> length k + 1: marked iff lp <= k < lc
+    cols = torch.arange(d_sae, device=coeffs.device)  # column k <-> length k + 1: marked iff lp <= k < lc
     span = (lp[..., None] <= cols) & (cols < lc[..., None]) & (lp[..., None] >= 0) & (lc[..., None] >= 0)
     # [inst, n_pairs, d_sae]; a term is marked if any active pair spans it
     hits = torch.einsum("bp,ips->bis", both.float(), span.float())
@@ -617,7 +627,7 @@ class SplitTermMask:
 
     def coefficients(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch n_feat"]:
         """Feature coefficients decoded from inputs (values below 1e-3 are set to 0)."""
-        c = x @ self.decode
+        c = x @ self.decode.to(x)
         return torch.where(c.abs() > 1e-3, c, torch.zeros_like(c))
 
     def __call__(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch inst d_sae"]:
@@ -626,7 +636,9 @@ class SplitTermMask:
         idx = self.instances.nonzero().flatten()
         keep = x.new_ones(x.shape[0], len(self.instances), self.d_sae)
         if len(idx):
-            split = parent_child_split_terms(self.coefficients(x), self.parent_index, self.latent_of_feature[idx], self.d_sae)
+            split = parent_child_split_terms(
+                self.coefficients(x), self.parent_index.to(x.device), self.latent_of_feature[idx].to(x.device), self.d_sae
+            )
             keep[:, idx] = (~split).to(keep.dtype)
         return keep
 
@@ -668,6 +680,6 @@ def prefix_term_gradient(
             raise ValueError(f"terms must have shape {tuple(errs.shape)}, got {tuple(terms.shape)}")
         loss = ((errs * terms.to(errs.dtype)).mean(0) * weights).sum()
         (grad,) = torch.autograd.grad(loss, sae.W_dec)
-    row = grad[torch.arange(n_inst), latent]  # [inst, d_in]
+    row = grad[torch.arange(n_inst, device=grad.device), latent.to(grad.device)]  # [inst, d_in]
     unit = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return -torch.einsum("id,ind->in", row, unit)

@@ -82,6 +82,8 @@ FREQ_WEIGHT = 1.0  # weight of the KL frequency term relative to the smooth L0 t
 LP_FLOOR = 1e-12  # sqrt is evaluated at max(s, LP_FLOOR)
 _FREQ_CLAMP = 1e-6  # soft frequencies are clamped to [_FREQ_CLAMP, 1 - _FREQ_CLAMP] in the KL
 
+BatchMean = Callable[[Tensor], Tensor]  # [batch, ...] -> [...]
+
 
 def _l1(s: Tensor) -> Tensor:
     return s
@@ -107,13 +109,17 @@ def _smooth_l0(s: Tensor) -> Tensor:
     return -torch.expm1(-s.abs() / SMOOTH_L0_EPS)
 
 
+def _batch_mean(t: Tensor) -> Tensor:
+    return t.mean(dim=0)
+
+
 def _smooth_l0_freq(
-    scaled: Float[Tensor, "batch inst d_sae"], rho: float | Tensor = FREQ_TARGET
+    scaled: Float[Tensor, "batch inst d_sae"], rho: float | Tensor = FREQ_TARGET, batch_mean: BatchMean = _batch_mean
 ) -> Float[Tensor, "inst d_sae"]:
     ind = _smooth_l0(scaled)  # [batch, inst, d_sae], soft "is active"
-    freq = ind.mean(dim=0).clamp(_FREQ_CLAMP, 1 - _FREQ_CLAMP)  # [inst, d_sae]
+    freq = batch_mean(ind).clamp(_FREQ_CLAMP, 1 - _FREQ_CLAMP)  # [inst, d_sae]
     kl = rho * torch.log(rho / freq) + (1 - rho) * torch.log((1 - rho) / (1 - freq))
-    return ind.mean(dim=0) + FREQ_WEIGHT * kl
+    return batch_mean(ind) + FREQ_WEIGHT * kl
 
 
 # elementwise penalties: scaled activation -> penalty of the same shape
@@ -127,8 +133,10 @@ PENALTIES: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 # batch-level penalties: (scaled activations [batch, inst, d_sae], target frequency rho: a float or
-# [inst, 1]) -> per-latent penalty [inst, d_sae]
-BATCH_PENALTIES: dict[str, Callable[[Tensor, float | Tensor], Tensor]] = {
+# [inst, 1], batch mean) -> per-latent penalty [inst, d_sae]; every batch statistic goes through the
+# batch-mean function, so that data-parallel training can take it over the combined batch
+# (saelib.distributed)
+BATCH_PENALTIES: dict[str, Callable[[Tensor, float | Tensor, BatchMean], Tensor]] = {
     "smooth_l0_freq": _smooth_l0_freq,
 }
 
@@ -161,13 +169,17 @@ def per_latent_penalty(
     decoder_norms: Float[Tensor, "inst d_sae"],
     kind: str = "l1",
     freq_target: float | Sequence[float] = FREQ_TARGET,
+    batch_mean: BatchMean | None = None,
 ) -> Float[Tensor, "inst d_sae"]:
     """Per-latent penalty of one batch: the batch mean of ``pen(a_j * ||W_dec[j]||)`` for an
     elementwise penalty, or the batch-level penalty of the scaled activations.
 
     Pass ones as ``decoder_norms`` to penalise raw activations. ``freq_target`` is the target
     firing frequency ``rho`` of the ``smooth_l0_freq`` frequency term, one for all instances or one
-    per instance (ignored by the other penalties).
+    per instance (ignored by the other penalties). ``batch_mean`` (``[batch, ...] -> [...]``,
+    default ``t.mean(0)``) is the mean a batch-level penalty takes its batch statistics with;
+    data-parallel training passes :meth:`saelib.distributed.DataParallel.penalty_batch_mean` (the
+    mean over every rank's rows).
 
     Raises ValueError for an unknown ``kind`` (the known ones are :func:`penalty_names`), or a
     ``freq_target`` outside ``(0, 1)`` or with a length other than ``inst``.
@@ -176,7 +188,7 @@ def per_latent_penalty(
     scaled = acts * decoder_norms
     if kind in BATCH_PENALTIES:
         rho = _rho(freq_target, acts.shape[1])
-        return BATCH_PENALTIES[kind](scaled, rho if isinstance(rho, float) else rho.to(scaled))
+        return BATCH_PENALTIES[kind](scaled, rho if isinstance(rho, float) else rho.to(scaled), batch_mean or _batch_mean)
     return PENALTIES[kind](scaled).mean(dim=0)
 
 

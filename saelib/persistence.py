@@ -3,8 +3,9 @@
 A saved SAE is a folder holding::
 
     sae_weights.safetensors   W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_out],
-                              b_dec [d_out] (+ threshold [d_sae] for BatchTopK), float32
-                              (d_out = d_in except for transcoders)
+                              b_dec [d_out] (+ threshold [d_sae] for BatchTopK), in the
+                              SAE's dtype (float32 by default; d_out = d_in except for
+                              transcoders)
     cfg.json                  SAELens 6.x config keys + saelib's own SAEConfig under "saelib"
 
 so that ``sae_lens.SAE.load_from_disk(folder)`` (tested against sae-lens 6.54.12) and
@@ -52,7 +53,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .sae import SAE, SAEConfig
+from .sae import SAE, SAEConfig, dtype_name
 
 __all__ = ["save_sae", "save_instances", "load_sae", "load_sae_lens", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
@@ -201,10 +202,11 @@ def save_sae(
     ``training`` is stored under ``"saelib_training"`` (e.g. the ``TrainConfig`` and the input
     scale). Both must be JSON-serialisable (ValueError otherwise).
 
-    Writes ``sae_weights.safetensors`` (float32, on CPU) and ``cfg.json`` (see the module
-    docstring for the architecture mapping); saelib's ``SAEConfig`` (with ``n_inst=1``) is stored
-    under the ``"saelib"`` key so :func:`load_sae` restores the instance exactly, including the
-    BatchTopK threshold. The output is deterministic: saving the same SAE twice gives
+    Writes ``sae_weights.safetensors`` (in the parameters' dtype, float32 by default, from the
+    CPU) and ``cfg.json`` (see the module docstring for the architecture mapping); saelib's
+    ``SAEConfig`` (with ``n_inst=1``, and the parameters' actual ``device`` and ``dtype``, also
+    written as SAELens's top-level ``device`` / ``dtype``) is stored under the ``"saelib"`` key so
+    :func:`load_sae` restores the instance exactly, including the BatchTopK threshold. The output is deterministic: saving the same SAE twice gives
     byte-identical files. Returns the folder.
 
     Raises TypeError if ``sae`` is not a :class:`saelib.sae.SAE`, IndexError if ``instance`` is
@@ -220,7 +222,7 @@ def save_sae(
     transcoder = d_out != d_in
 
     def one(t: Tensor) -> Tensor:
-        return t[instance].detach().to("cpu", torch.float32).contiguous().clone()
+        return t[instance].detach().to("cpu").contiguous().clone()
 
     tensors = {
         "W_enc": one(sae.W_enc),  # [d_in, d_sae]
@@ -248,15 +250,15 @@ def save_sae(
             architecture = "jumprelu_transcoder" if transcoder else "jumprelu"
         else:
             architecture = "saelib_batchtopk"
-        tensors["threshold"] = torch.full((d_sae,), t, dtype=torch.float32)
+        tensors["threshold"] = torch.full((d_sae,), t, dtype=sae.W_enc.dtype)
 
-    saelib_cfg = {**cfg.to_dict(), "n_inst": 1}
+    where = {"device": str(sae.W_enc.device), "dtype": dtype_name(sae.W_enc.dtype)}
+    saelib_cfg = {**cfg.to_dict(), "n_inst": 1, **where}
     cfg_json = {
         "architecture": architecture,
         "d_in": d_in,
         "d_sae": d_sae,
-        "dtype": "float32",
-        "device": "cpu",
+        **where,
         "apply_b_dec_to_input": bool(cfg.apply_b_dec_to_input),
         "normalize_activations": "none",
         "reshape_activations": "none",
@@ -378,9 +380,15 @@ def _saelib_config(cfg: dict[str, Any], cfg_path: Path) -> SAEConfig:
         raise ValueError(f"{cfg_path}: invalid SAELens config: {e}") from e
 
 
-def load_sae(path: str | Path) -> SAE:
+def load_sae(path: str | Path, device: str | None = None, dtype: str | None = None) -> SAE:
     """Load a single-instance SAE saved by :func:`save_sae` (or a SAELens ``standard``, ``topk`` or
-    ``transcoder`` saved by ``sae_lens``' ``save_model``), in eval mode, float32, on CPU.
+    ``transcoder`` saved by ``sae_lens``' ``save_model``), in eval mode.
+
+    It comes back on the device and in the dtype it was saved from (the ``"saelib"`` config's
+    ``device`` / ``dtype``; ``"cpu"`` / ``"float32"`` for folders saved before those fields
+    existed and for SAELens folders), unless ``device`` or ``dtype`` (strings as in
+    :class:`saelib.sae.SAEConfig`) say otherwise, e.g. ``device="cpu"`` for an SAE saved from a
+    GPU on a machine without one.
 
     Raises:
         FileNotFoundError: the folder, ``cfg.json`` or ``sae_weights.safetensors`` is missing
@@ -397,6 +405,9 @@ def load_sae(path: str | Path) -> SAE:
     cfg_path = folder / CFG_FILENAME
     cfg = _read_cfg(cfg_path)
     sc = _saelib_config(cfg, cfg_path)
+    overrides = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    if overrides:
+        sc = SAEConfig.from_dict({**sc.to_dict(), **overrides})
 
     weights_path = folder / WEIGHTS_FILENAME
     if not weights_path.is_file():
@@ -502,7 +513,7 @@ def load_sae_lens(path: str | Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache
-_TRAINING_SOURCES = ("sae.py", "train.py", "penalties.py", "matryoshka.py", "every_prefix.py")
+_TRAINING_SOURCES = ("sae.py", "train.py", "penalties.py", "matryoshka.py", "every_prefix.py", "distributed.py")
 
 
 def _training_code_fingerprint() -> str:

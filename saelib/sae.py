@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["SAEConfig", "SAE"]
+__all__ = ["SAEConfig", "SAE", "dtype_name"]
 
 Architecture = Literal["relu", "topk", "batchtopk"]
 
@@ -59,6 +59,14 @@ class SAEConfig:
         apply_b_dec_to_input: subtract ``b_dec`` from the input before encoding (SAELens's
             default for SAEs; must be False when ``d_out != d_in``).
         seed: seed of the initialisation; each instance gets its own draw.
+        device: where the parameters live, a ``torch.device`` string (SAELens's convention):
+            ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ``"mps"`` ... Training follows it: every
+            tensor :func:`saelib.train.train_sae` makes is made on the parameters' device.
+        dtype: parameter dtype name (SAELens's convention): ``"float32"`` (default),
+            ``"float64"``, ``"float16"`` or ``"bfloat16"`` (``"torch.float64"`` and
+            ``torch.float64`` are accepted and stored as ``"float64"``). The initial weights
+            are drawn in float32 on the CPU and then cast, so every device and dtype starts
+            from the same draw (rounded to the dtype).
     """
 
     d_in: int
@@ -72,8 +80,15 @@ class SAEConfig:
     dec_init_norm: float = 0.1
     batchtopk_threshold_ema: float = 0.01
     seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        self.dtype = dtype_name(self.dtype)  # validates; raises ValueError
+        try:
+            self.device = str(torch.device(self.device))
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"SAEConfig.device must be a torch device string, got {self.device!r}: {e}") from e
         for name in ("d_in", "d_sae", "n_inst"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -101,12 +116,34 @@ class SAEConfig:
         if not (self.dec_init_norm > 0):
             raise ValueError(f"SAEConfig.dec_init_norm must be > 0, got {self.dec_init_norm!r}")
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
+        return _DTYPES[self.dtype]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SAEConfig":
+        """Inverse of :meth:`to_dict`; dicts saved before ``device`` / ``dtype`` existed load
+        with the defaults (``"cpu"``, ``"float32"``)."""
         return cls(**d)
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The short name (``"float32"``, ``"float64"``, ``"float16"``, ``"bfloat16"``) of a
+    floating dtype given as a name, ``"torch.<name>"`` or a ``torch.dtype``.
+
+    Raises ValueError for anything else.
+    """
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"SAEConfig.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return name
 
 
 # Below this many multiply-adds in the encoder product (inst * batch * d_in * d_sae) the skipped
@@ -163,15 +200,17 @@ class SAE(nn.Module):
         else:
             W_dec = torch.randn(inst, d_sae, d_out, generator=g)
         W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True) * cfg.dec_init_norm
-        self.W_enc = nn.Parameter(W_enc)  # [inst, d_in, d_sae]
-        self.b_enc = nn.Parameter(torch.zeros(inst, d_sae))
-        self.W_dec = nn.Parameter(W_dec.contiguous())  # [inst, d_sae, d_out]
+        # drawn on the CPU in float32 (the same draw for every device and dtype), then placed
+        like = {"device": cfg.device, "dtype": cfg.torch_dtype}
+        self.W_enc = nn.Parameter(W_enc.to(**like))  # [inst, d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(inst, d_sae, **like))
+        self.W_dec = nn.Parameter(W_dec.contiguous().to(**like))  # [inst, d_sae, d_out]
         if cfg.use_b_dec:
-            self.b_dec = nn.Parameter(torch.zeros(inst, d_out))
+            self.b_dec = nn.Parameter(torch.zeros(inst, d_out, **like))
         else:
-            self.register_buffer("b_dec", torch.zeros(inst, d_out))
+            self.register_buffer("b_dec", torch.zeros(inst, d_out, **like))
         # BatchTopK inference threshold per instance; NaN until first training batch.
-        self.register_buffer("threshold", torch.full((inst,), float("nan")))
+        self.register_buffer("threshold", torch.full((inst,), float("nan"), **like))
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -298,11 +337,17 @@ class SAE(nn.Module):
         self.W_dec.copy_(self.W_dec.gather(1, perm[:, :, None].expand_as(self.W_dec)))
 
     def instance(self, i: int) -> "SAE":
-        """A single-instance copy of instance ``i`` (e.g. for saving or per-model analysis)."""
+        """A single-instance copy of instance ``i`` (e.g. for saving or per-model analysis), on
+        the device and in the dtype of this SAE's parameters (its config says so, even if this
+        SAE was moved with ``.to`` after it was made).
+
+        Raises IndexError if ``i`` is not in ``[0, n_inst)``.
+        """
         if not (0 <= i < self.n_inst):
             raise IndexError(f"instance {i} out of range for n_inst={self.n_inst}")
-        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "n_inst": 1})
-        out = SAE(cfg).to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+        where = {"device": str(self.W_enc.device), "dtype": dtype_name(self.W_enc.dtype)}
+        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "n_inst": 1, **where})
+        out = SAE(cfg)
         with torch.no_grad():
             for name, t in list(self.named_parameters()) + list(self.named_buffers()):
                 getattr(out, name).copy_(t[i : i + 1])

@@ -1,6 +1,8 @@
 """Training SAEs (all instances at once): Adam, warmup-stable-decay LR, per-instance gradient
 clipping, an adaptive L1 coefficient that steers L0 to a target, optional Matryoshka loss and
-latent permutation.
+latent permutation; on any device and dtype (the SAE's, :class:`saelib.sae.SAEConfig`), and
+data-parallel over ``torch.distributed`` when a process group is initialised (see
+:func:`train_sae` and :mod:`saelib.distributed`).
 
 The recipe follows Nabeshima's Matryoshka SAE code (``noanabeshima/matryoshka-saes``, ``sae.py``):
 Adam(lr 3e-2, betas (0.5, 0.9375)), grad-norm clip 1.0, WSD schedule, and a sparsity controller
@@ -38,7 +40,8 @@ from .matryoshka import (
     matryoshka_recon_loss,
     matryoshka_variant_loss,
 )
-from .penalties import FREQ_TARGET, per_latent_penalty
+from .distributed import DataParallel, data_parallel
+from .penalties import FREQ_TARGET, BatchMean, per_latent_penalty
 from .sae import SAE
 
 __all__ = [
@@ -120,11 +123,13 @@ class TrainConfig:
             alone, ``[0, 1]`` the first two instances of any run with the same seed. Its length
             must be ``n_inst`` (checked by :func:`train_sae`).
         progress: show a tqdm progress bar.
-        retain_cpu_memory: on Linux with glibc and a CPU model, keep freed memory in the process
-            heap (see :func:`retain_freed_cpu_memory`): glibc otherwise hands every block over
-            32 MiB back to the OS on free and page-faults it in again on the next step (measured
-            at d_sae 4096, batch 4096: ~100k page faults and ~15 % of every step). Process-wide and
-            permanent: the resident memory does not shrink after training. Never changes results.
+        retain_cpu_memory: opt-in (default False). On Linux with glibc and an SAE on the CPU,
+            keep freed memory in the process heap (see :func:`retain_freed_cpu_memory`): glibc
+            otherwise hands every block over 32 MiB back to the OS on free and page-faults it in
+            again on the next step (measured at d_sae 4096, batch 4096: ~100k page faults and
+            ~15 % of every step). Process-wide and permanent: it changes the allocator of the
+            whole process, and the resident memory does not shrink after training, which is why
+            it is off unless asked for. Never changes results.
     """
 
     steps: int = 10_000
@@ -151,7 +156,7 @@ class TrainConfig:
     independent_instances: bool = False
     instance_ids: Sequence[int] | None = None
     progress: bool = True
-    retain_cpu_memory: bool = True
+    retain_cpu_memory: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every"):
@@ -289,12 +294,16 @@ def _check_stored(t: Tensor, d: int, what: str) -> None:
         raise ValueError(f"{what} tensor contains NaN/inf (rows {bad} ...)")
 
 
-def _sampler(data: DataSource, d_in: int, d_out: int) -> tuple[Callable[[int, torch.Generator], Any], bool]:
+def _sampler(
+    data: DataSource, d_in: int, d_out: int, rows: slice | None = None
+) -> tuple[Callable[[int, torch.Generator], Any], bool]:
     """Turn stored activations (a tensor, or an ``(inputs, targets)`` pair) into a sampler.
 
     Returns ``(sample, check_batches)``: stored tensors are checked for NaN/inf here, once, so
     ``check_batches`` is False for them and True for a data function, whose every batch
-    :func:`train_sae` checks.
+    :func:`train_sae` checks. With ``rows`` (data-parallel training) ``sample(batch, g)`` draws
+    the combined batch of ``batch`` rows with ``g`` and returns only rows ``rows`` of it (stored
+    data gathers only those rows; a data function makes the whole batch).
     """
     if isinstance(data, Tensor):
         if d_out != d_in:
@@ -313,10 +322,19 @@ def _sampler(data: DataSource, d_in: int, d_out: int) -> tuple[Callable[[int, to
 
         def sample(batch: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
             idx = torch.randint(len(inputs), (batch,), generator=g)
+            if rows is not None:
+                idx = idx[rows]
             return inputs[idx], targets[idx]
 
         return sample, False
-    return data, True
+    if rows is None:
+        return data, True
+
+    def local_part(batch: int, g: torch.Generator) -> Tensor | tuple[Tensor, Tensor]:
+        out = data(batch, g)
+        return tuple(t[rows] for t in out) if isinstance(out, tuple) else out[rows]  # type: ignore[return-value]
+
+    return local_part, True
 
 
 # the random streams of one instance under TrainConfig.independent_instances
@@ -432,22 +450,24 @@ def _resample_dead(
     """Point each dead latent (``dead`` is ``[inst, d_sae]`` bool) at an input of the batch drawn
     with probability proportional to its squared reconstruction error (``err`` is ``[batch, inst]``).
 
-    ``g`` is one generator for all draws, or one per instance (each instance's dead latents then
-    draw from its own, so the draws do not depend on the other instances).
+    ``g`` is one (CPU) generator for all draws, or one per instance (each instance's dead latents
+    then draw from its own, so the draws do not depend on the other instances). The draws happen
+    on the CPU whatever the SAE's device, so they are the same on every device.
     """
     inst_idx, lat_idx = dead.nonzero(as_tuple=True)
     if len(inst_idx) == 0:
         return
     x_in = sae._as_instances(x_in)  # [batch, inst, d_in]
-    probs = err.T[inst_idx] + 1e-12  # [n_dead, batch]
+    probs = (err.T[inst_idx] + 1e-12).cpu()  # [n_dead, batch]
     if isinstance(g, torch.Generator):
         rows = torch.multinomial(probs, 1, generator=g)[:, 0]
     else:
-        rows = torch.empty_like(inst_idx)
-        for i in inst_idx.unique().tolist():
-            sel = inst_idx == i
+        inst_cpu = inst_idx.cpu()
+        rows = torch.empty_like(inst_cpu)
+        for i in inst_cpu.unique().tolist():
+            sel = inst_cpu == i
             rows[sel] = torch.multinomial(probs[sel], 1, generator=g[i])[:, 0]
-    v = x_in[rows, inst_idx]
+    v = x_in[rows.to(x_in.device), inst_idx]
     if sae.cfg.apply_b_dec_to_input:
         v = v - sae.b_dec[inst_idx]
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n_dead, d_in]
@@ -482,23 +502,38 @@ def _freq_targets(cfg: TrainConfig, target: Tensor | None, n_inst: int, d_sae: i
     return [FREQ_TARGET] * n_inst
 
 
-def _penalty(acts: Tensor, scale: Tensor, kinds: list[str], freq_target: list[float]) -> Tensor:
+def _penalty(
+    acts: Tensor, scale: Tensor, kinds: list[str], freq_target: list[float], batch_mean: BatchMean | None = None
+) -> Tensor:
     """Per-latent penalty ``[inst, d_sae]``, each instance with its own penalty kind.
 
     ``acts`` are ReLU outputs (>= 0), so the L1 penalty ``mean_batch(a_j * scale_j)`` is computed
     as ``scale_j * sum_batch(a_j) / batch``: one reduction over the ``[batch, inst, d_sae]`` tensor
     instead of a product, a reduction and two products in the backward (equal up to rounding).
+    ``batch_mean`` goes to batch-level penalties (see :func:`saelib.penalties.per_latent_penalty`).
     """
     if all(k == "l1" for k in kinds):
         return acts.sum(0) * (scale / acts.shape[0])
     if all(k == kinds[0] for k in kinds):
-        return per_latent_penalty(acts, scale, kinds[0], freq_target)
+        return per_latent_penalty(acts, scale, kinds[0], freq_target, batch_mean)
     out = acts.new_zeros(acts.shape[1:])
     for kind in dict.fromkeys(kinds):
         ids = [i for i, k in enumerate(kinds) if k == kind]
-        idx = torch.tensor(ids)
-        out = out.index_copy(0, idx, per_latent_penalty(acts[:, idx], scale[idx], kind, [freq_target[i] for i in ids]))
+        idx = torch.tensor(ids, device=acts.device)
+        out = out.index_copy(
+            0, idx, per_latent_penalty(acts[:, idx], scale[idx], kind, [freq_target[i] for i in ids], batch_mean)
+        )
     return out
+
+
+def _fvu(x: Tensor, err: Tensor, dp: DataParallel | None) -> Tensor:
+    """Logged FVU ``[inst]`` of the (combined) batch: ``x`` is ``[batch, inst, d_out]``, ``err`` the
+    squared error ``[batch, inst]``."""
+    if dp is None:
+        var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
+        return err.sum(0) / var.clamp_min(1e-12)
+    var = dp.sum((x - dp.batch_mean(x)).pow(2).sum(-1).sum(0))
+    return dp.sum(err.sum(0)) / var.clamp_min(1e-12)
 
 
 def train_sae(
@@ -521,10 +556,26 @@ def train_sae(
             instance's generator and returns ``[batch, d_in]`` (or the pair), and stored data is
             sampled per instance.
         callback: called as ``callback(step, sae)`` after every optimiser step (under
-            ``torch.no_grad``), e.g. to record decoder cosines over training.
+            ``torch.no_grad``), e.g. to record decoder cosines over training; on rank 0 only
+            under ``torch.distributed``, where it must not change the SAE.
         term_mask: Matryoshka only: ``x_in -> keep`` with ``keep`` ``[batch, inst, d_sae]``
             weighting each ``(sample, prefix)`` loss term (e.g.
             :class:`saelib.matryoshka.SplitTermMask`).
+
+    Device and dtype: training runs where the SAE's parameters are (``SAEConfig.device`` /
+    ``dtype``), in their dtype. Batches are moved there and cast to it (stored activations may
+    stay on the CPU: each step gathers its rows, then moves them); every tensor made during
+    training is made there. Random draws (data indices, prefixes, resampling) come from CPU
+    generators, so a seed gives the same draws on every device.
+
+    Data-parallel: when a ``torch.distributed`` process group with more than one process is
+    initialised (e.g. by ``torchrun``; gloo for CPU SAEs, nccl for CUDA ones, one device per
+    rank), every rank calls ``train_sae`` with the same SAE config, data and ``cfg`` and trains on
+    its ``batch_size / world_size`` rows of each combined batch; gradients are averaged before
+    clipping and the step, batch statistics are reduced over ranks, the parameters stay identical
+    on every rank, and the result equals one process on the combined batch up to float rounding
+    (see :mod:`saelib.distributed`). Only rank 0 shows the progress bar and calls ``callback``;
+    every rank returns the same :class:`History` (metrics of the combined batch).
 
     Raises:
         ValueError: bad config values or data shapes; NaN/inf in a stored activation tensor, or
@@ -532,17 +583,27 @@ def train_sae(
             checked inside the per-step divergence check, so it costs no extra host sync); a
             ``target_l0`` outside ``(0, d_sae]``; a transcoder given one tensor instead of
             ``(inputs, targets)``; ``cfg.instance_ids`` not of length ``n_inst``, or a data
-            function returning ``[batch, inst, d]`` with ``cfg.independent_instances``.
+            function returning ``[batch, inst, d]`` with ``cfg.independent_instances``;
+            data-parallel: ``cfg.batch_size`` not divisible by the world size.
+        NotImplementedError: data-parallel training of a BatchTopK SAE (its top ``k * batch``
+            selection runs over the whole batch, which no rank holds).
         TrainingDivergedError: the loss became NaN/inf or grew past ``divergence_factor`` times
             its first value (the message names the step and instances).
     """
     n_inst, d_sae = sae.n_inst, sae.d_sae
     transcoder = sae.d_out != sae.d_in
-    sample, check_batches = _sampler(data, sae.d_in, sae.d_out)
+    like = {"device": sae.W_enc.device, "dtype": sae.W_enc.dtype}  # every tensor made here
+    dp = data_parallel()
+    if dp is not None and sae.cfg.architecture == "batchtopk":
+        raise NotImplementedError(
+            "data-parallel training of a BatchTopK SAE is not supported: its top k * batch "
+            "selection needs the whole batch, which is split over ranks (use topk or relu)"
+        )
+    sample, check_batches = _sampler(data, sae.d_in, sae.d_out, None if dp is None else dp.local_rows(cfg.batch_size))
     if cfg.retain_cpu_memory and sae.W_enc.device.type == "cpu":
         retain_freed_cpu_memory()
-    coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff")
-    target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0")
+    coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff").to(**like)
+    target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0").to(**like)
     if target is not None:
         unreachable = ((target <= 0) | (target > d_sae)).nonzero().flatten().tolist()
         if unreachable:
@@ -553,7 +614,7 @@ def train_sae(
     uses_penalty = sae.cfg.architecture == "relu"
     kinds = _penalty_kinds(cfg.penalty, n_inst)
     freq_target = _freq_targets(cfg, target, n_inst, d_sae)
-    mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst)
+    mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst).to(like["device"])
     if term_mask is not None and mplan is None:
         raise ValueError("term_mask needs a Matryoshka loss (TrainConfig.matryoshka is None)")
     permute_ema: float | Tensor = 0.0
@@ -578,19 +639,24 @@ def train_sae(
         # changes the data any instance sees
         g_prefix = torch.Generator().manual_seed(cfg.seed + 1_000_003)
         g_resample = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+    # batch means of statistics that steer training or are logged: over the combined batch
+    batch_mean: Callable[[Tensor], Tensor] = (lambda t: t.mean(0)) if dp is None else dp.batch_mean
+    if dp is not None:
+        dp.broadcast_module(sae)  # identical starting points (equal already when made from one config)
     params = [p for p in sae.parameters() if p.requires_grad]
     # foreach: one multi-tensor kernel per Adam sub-step instead of a Python loop over parameters
     # (same arithmetic, same results; less per-step overhead for small SAEs)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_lr_factor(s, cfg))
-    sq_act_ema = torch.zeros(n_inst, d_sae)
+    sq_act_ema = torch.zeros(n_inst, d_sae, **like)
     l1_warmup = max(1, int(cfg.l1_warmup_frac * cfg.steps))
     hist = History()
-    fired = torch.zeros(n_inst, d_sae, dtype=torch.bool)
+    fired = torch.zeros(n_inst, d_sae, dtype=torch.bool, device=like["device"])
     first_loss: Tensor | None = None
+    writes = dp is None or dp.is_main
     sae.train()
 
-    for step in tqdm(range(cfg.steps), disable=not cfg.progress, desc="train SAE", mininterval=1.0):
+    for step in tqdm(range(cfg.steps), disable=not (cfg.progress and writes), desc="train SAE", mininterval=1.0):
         batch = _stacked_batch(sample, cfg.batch_size, g_data, step) if independent else sample(cfg.batch_size, g)
         if isinstance(batch, tuple):
             x_in, x = batch
@@ -602,6 +668,10 @@ def train_sae(
             )
         else:
             x_in = x = batch
+        if x is x_in:  # to the SAE's device and dtype (no copy when already there)
+            x_in = x = x_in.to(**like)
+        else:
+            x_in, x = x_in.to(**like), x.to(**like)
         data_ok: Tensor | None = None  # a 0-d bool, folded into the divergence check below
         if check_batches:
             data_ok = torch.isfinite(x_in).all()
@@ -618,6 +688,7 @@ def train_sae(
                 weights = mplan.independent_weights(d_sae, g_prefix)
             else:
                 weights = mplan.weights(d_sae, g_prefix)
+            weights = weights.to(**like)  # drawn on the CPU
             if term_mask is None and not mplan.routes_gradient:
                 recon = matryoshka_recon_loss(x, acts, sae.W_dec, sae.b_dec, weights)
             else:
@@ -627,8 +698,8 @@ def train_sae(
                 )
         ramp = min(1.0, (step + 1) / l1_warmup)
         if uses_penalty:
-            scale = sae.decoder_norms() if cfg.scale_penalty_by_decoder_norm else torch.ones(n_inst, d_sae)
-            pen = _penalty(acts, scale, kinds, freq_target)  # [inst, d_sae]
+            scale = sae.decoder_norms() if cfg.scale_penalty_by_decoder_norm else torch.ones(n_inst, d_sae, **like)
+            pen = _penalty(acts, scale, kinds, freq_target, None if dp is None else dp.penalty_batch_mean)  # [inst, d_sae]
             if weights is not None and mplan.sparsity_by_prefix.any():
                 by_prefix = mplan.sparsity_by_prefix[:, None]
                 scale_in = mplan.inner_grad_scale if mplan.routes_gradient else None
@@ -638,19 +709,27 @@ def train_sae(
             loss_i = recon + ramp * coeff * sparsity
         else:
             loss_i = recon
+        loss_seen = loss_i.detach()  # [inst]
+        if dp is not None:  # every rank checks the combined batch, so all ranks stop together
+            loss_seen = dp.mean(loss_seen)
+            if data_ok is not None:
+                data_ok = ~dp.any(~data_ok)
         if first_loss is None:
-            first_loss = loss_i.detach().clamp_min(1e-12)
+            first_loss = loss_seen.clamp_min(1e-12)
         # one check (and one host sync) per step: non-finite data, non-finite loss or diverged
-        ok = (loss_i.detach() <= cfg.divergence_factor * first_loss) & torch.isfinite(loss_i)
+        ok = (loss_seen <= cfg.divergence_factor * first_loss) & torch.isfinite(loss_seen)
         if data_ok is not None:
             ok = ok & data_ok
         if not ok.all():
             if data_ok is not None and not data_ok:
                 _raise_non_finite_batch(x_in, x_raw, n_inst, step)
-            _raise_diverged(loss_i.detach(), first_loss, cfg.divergence_factor, step)
+                raise ValueError(f"non-finite batch at step {step} on another torch.distributed rank (see its error)")
+            _raise_diverged(loss_seen, first_loss, cfg.divergence_factor, step)
 
         opt.zero_grad(set_to_none=True)
         loss_i.sum().backward()
+        if dp is not None:
+            dp.average_gradients(params)  # the combined batch's gradient, before clipping
         if cfg.grad_clip is not None:
             _clip_per_instance(params, cfg.grad_clip)
         opt.step()
@@ -661,34 +740,36 @@ def train_sae(
         with torch.no_grad():
             log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
             if target is not None or log_now:
-                l0 = (acts > 0).float().sum(-1).mean(0)  # [inst]
+                l0 = batch_mean((acts > 0).to(acts.dtype).sum(-1))  # [inst]
             if target is not None and step + 1 >= l1_warmup:
                 coeff = torch.where(l0 < target, coeff * (1 - cfg.l1_adapt_eps), coeff * (1 + cfg.l1_adapt_eps))
             if cfg.resample_dead_every is not None:
                 fired |= (acts > 0).any(dim=0)
                 if (step + 1) % cfg.resample_dead_every == 0 and step < cfg.steps // 2:
                     err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
-                    _resample_dead(sae, opt, ~fired, x_in, err, g_resample)
+                    if dp is None:
+                        _resample_dead(sae, opt, ~fired, x_in, err, g_resample)
+                    else:  # every rank resamples alike from the combined batch
+                        _resample_dead(sae, opt, ~dp.any(fired), dp.gather_rows(x_in), dp.gather_rows(err), g_resample)
                     fired.zero_()
             if mplan is not None and mplan.permute.any():
-                scaled_sq = (acts * sae.decoder_norms()).pow(2).mean(0)
+                scaled_sq = batch_mean((acts * sae.decoder_norms()).pow(2))
                 ema = permute_ema
                 sq_act_ema.mul_(ema).add_((1 - ema) * scaled_sq)
                 perm = sq_act_ema.argsort(dim=-1, descending=True, stable=True)
                 if not mplan.permute.all():  # instances that do not permute keep their order
-                    perm = torch.where(mplan.permute[:, None], perm, torch.arange(d_sae).expand_as(perm))
+                    perm = torch.where(mplan.permute[:, None], perm, torch.arange(d_sae, device=perm.device).expand_as(perm))
                 _permute_with_optimizer(sae, opt, perm)
                 sq_act_ema = sq_act_ema.gather(1, perm)
-            if callback is not None:
+            if callback is not None and writes:
                 callback(step, sae)
             if log_now:
-                err = (x - x_hat).pow(2).sum(-1)
-                var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
+                err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
                 hist.step.append(step)
-                hist.loss.append(loss_i.detach().clone())
-                hist.mse.append(err.mean(0))
+                hist.loss.append(loss_seen.clone())
+                hist.mse.append(batch_mean(err))
                 hist.l0.append(l0)
-                hist.fvu.append(err.sum(0) / var.clamp_min(1e-12))
+                hist.fvu.append(_fvu(x, err, dp))
                 hist.l1_coeff.append((ramp * coeff).clone())
     sae.eval()
     return hist

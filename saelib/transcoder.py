@@ -113,6 +113,9 @@ class SparseMLPConfig:
         decay_frac: final fraction of the steps with a decaying learning rate.
         seed: seed of the initialisation and of the token sampling.
         progress: show progress bars.
+        device: where the sparse MLPs train and live (``SAEConfig.device``; the stored
+            activations may stay on the CPU).
+        dtype: their parameter dtype (``SAEConfig.dtype``).
     """
 
     S_values: tuple[float, ...] = (-2.0, 0.0, 2.0, 4.0)
@@ -126,6 +129,8 @@ class SparseMLPConfig:
     decay_frac: float = 0.3
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.S_values = tuple(float(s) for s in self.S_values)
@@ -151,16 +156,16 @@ class SparseMLP:
 
     @torch.no_grad()
     def __call__(self, mlp_in: Float[Tensor, "... d_model"]) -> Float[Tensor, "... inst d_model"]:
-        """Predicted MLP output of every instance."""
+        """Predicted MLP output of every instance (on the SAE's device, in its dtype)."""
         lead = mlp_in.shape[:-1]
-        out, _ = self.sae(mlp_in.reshape(-1, mlp_in.shape[-1]))  # [n, inst, d_model]
+        out, _ = self.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(self.sae.W_enc))  # [n, inst, d_model]
         return out.reshape(*lead, self.sae.n_inst, self.sae.d_out)
 
     @torch.no_grad()
     def latents(self, mlp_in: Float[Tensor, "... d_model"]) -> Float[Tensor, "... inst d_sae"]:
-        """Sparse-neuron activations of every instance."""
+        """Sparse-neuron activations of every instance (on the SAE's device, in its dtype)."""
         lead = mlp_in.shape[:-1]
-        acts = self.sae.encode(mlp_in.reshape(-1, mlp_in.shape[-1]))
+        acts = self.sae.encode(mlp_in.reshape(-1, mlp_in.shape[-1]).to(self.sae.W_enc))
         return acts.reshape(*lead, self.sae.n_inst, self.sae.d_sae)
 
 
@@ -234,6 +239,8 @@ def train_sparse_mlps(
         apply_b_dec_to_input=False,
         architecture="relu",
         seed=cfg.seed,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
     sae = SAE(sae_cfg)
     train_cfg = TrainConfig(
@@ -348,8 +355,8 @@ def spliced_losses(
         raise ValueError(f"mean_mlp_out must be [{d_model}], got {tuple(mean_mlp_out.shape)}")
     if not isinstance(tokens, DocumentTokens):
         n, pos = tokens.shape
-        tokens = DocumentTokens(tokens, torch.full((n,), pos, dtype=torch.long), tuple(map(str, range(n))), 0,
-                                torch.zeros(n, dtype=torch.bool))
+        tokens = DocumentTokens(tokens, torch.full((n,), pos, dtype=torch.long, device=tokens.device),
+                                tuple(map(str, range(n))), 0, torch.zeros(n, dtype=torch.bool, device=tokens.device))
     layer = sparse_mlp.layer
     in_hook, out_hook = mlp_hook_names(model, layer)
     mid_hook = utils.get_act_name("resid_mid", layer)
@@ -360,6 +367,7 @@ def spliced_losses(
     sparse_ce, sparse_kl, l0 = [0.0] * n_inst, [0.0] * n_inst, [0.0] * n_inst
     n_pred, n_spliced = 0, 0
     cache: dict[str, Tensor] = {}
+    device = next(model.parameters()).device  # tokens go to the model
 
     def keep(act: Tensor, hook: Any) -> None:
         cache[hook.name] = act
@@ -367,8 +375,8 @@ def spliced_losses(
     batches = length_batches(tokens.lengths, tokens_per_batch)
     for rows in tqdm(batches, disable=not progress, desc=f"splice layer {layer}", mininterval=1.0):
         width = int(tokens.lengths[rows[0]])
-        batch = tokens.tokens[rows, :width]
-        valid_pos = torch.arange(width)[None, :] < tokens.lengths[rows, None]  # [b, width]
+        batch = tokens.tokens[rows, :width].to(device)
+        valid_pos = torch.arange(width, device=device)[None, :] < tokens.lengths[rows, None].to(device)  # [b, width]
         valid = valid_pos[:, 1:]  # predicted tokens inside their document
         spliced = valid_pos.clone()
         spliced[:, :start] = False  # positions whose MLP output is replaced
@@ -377,10 +385,11 @@ def spliced_losses(
         sums["orig"] += ce
         n_pred += int(valid.sum())
         mid, mlp_in, mlp_out = cache[mid_hook], cache[in_hook], cache[out_hook]
-        flat_out, flat_acts = sparse_mlp.sae(mlp_in.reshape(-1, mlp_in.shape[-1]))  # one encode for both
+        flat_out, flat_acts = sparse_mlp.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(sparse_mlp.sae.W_enc))  # one encode for both
+        flat_out, flat_acts = flat_out.to(mlp_out), flat_acts.to(mlp_out.device)  # back to the model's side
         outs = flat_out.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_model]
         acts = flat_acts.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_sae]
-        variants = {"zero": torch.zeros(d_model), "mean": mean_mlp_out}
+        variants = {"zero": mlp_out.new_zeros(d_model), "mean": mean_mlp_out.to(mlp_out)}
         variants.update({i: outs[..., i, :] for i in range(n_inst)})
         for name, value in variants.items():
             new_out = mlp_out.clone()
@@ -501,7 +510,7 @@ def sparse_mlp_sweep(
         t2 = time.perf_counter()
         out.results[layer] = spliced_losses(model, heldout_docs, sm, y.mean(0), tokens_per_batch=tokens_per_batch,
                                             progress=cfg.progress)
-        alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool)
+        alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool, device=sm.sae.W_enc.device)
         for i in range(0, len(x), 2048):
             alive |= (sm.latents(x[i : i + 2048]) > 0).any(0)
         cos = neuron_cosines(model, sm)

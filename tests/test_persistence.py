@@ -454,3 +454,30 @@ def test_save_instances_subset(tmp_path):
     assert json.loads((folders[0] / CFG_FILENAME).read_text())["metadata"]["saelib_instance"] == 2
     with pytest.raises(IndexError, match=r"\[3\]"):
         save_instances(sae, tmp_path / "x", instances=[0, 3])
+
+
+# ---------------------------------------------------------------------------- device and dtype
+def test_device_and_dtype_round_trip(tmp_path):
+    sae = SAE(SAEConfig(d_in=5, d_sae=7, n_inst=2, dtype="float64", seed=3))
+    with torch.no_grad():
+        sae.W_enc.add_(1e-12)  # below float32 resolution: must survive the round trip
+    folder = save_sae(sae, tmp_path / "sae", instance=1)
+    cfg = json.loads((folder / CFG_FILENAME).read_text())
+    assert (cfg["dtype"], cfg["device"], cfg["saelib"]["dtype"], cfg["saelib"]["device"]) == ("float64", "cpu", "float64", "cpu")
+    loaded = load_sae(folder)
+    assert (loaded.cfg.dtype, loaded.cfg.device) == ("float64", "cpu")
+    assert loaded.W_enc.dtype == torch.float64 and torch.equal(loaded.W_enc[0], sae.W_enc[1])
+    as32 = load_sae(folder, dtype="float32", device="cpu")
+    assert as32.cfg.dtype == "float32" and torch.equal(as32.W_enc[0], sae.W_enc[1].float())
+
+
+def test_folder_saved_before_device_and_dtype_loads_on_cpu_float32(tmp_path):
+    sae = SAE(SAEConfig(d_in=5, d_sae=7))
+    folder = save_sae(sae, tmp_path / "sae")
+    cfg = json.loads((folder / CFG_FILENAME).read_text())
+    for key in ("device", "dtype"):  # the layout written before issue 14
+        del cfg["saelib"][key]
+    (folder / CFG_FILENAME).write_text(json.dumps(cfg))
+    loaded = load_sae(folder)
+    assert (loaded.cfg.device, loaded.cfg.dtype) == ("cpu", "float32")
+    assert torch.equal(loaded.W_dec, sae.W_dec)

@@ -362,3 +362,40 @@ def test_sae_gradients_equal_plain_autograd_formula(big):
     ((x[:, None] - ref_hat).pow(2).sum() + a.sum()).backward()
     for name, p in sae.named_parameters():
         torch.testing.assert_close(p.grad, ref[name].grad, msg=f"gradient of {name}")
+
+
+# ---------------------------------------------------------------------------- device and dtype
+def test_device_and_dtype_default_to_cpu_float32():
+    sae = SAE(SAEConfig(d_in=4, d_sae=6))
+    assert (sae.cfg.device, sae.cfg.dtype) == ("cpu", "float32")
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in sae.state_dict().values())
+
+
+@pytest.mark.parametrize("dtype", ["float64", "torch.float64", torch.float64])
+def test_dtype_makes_parameters_of_that_dtype_from_the_same_draw(dtype):
+    sae = SAE(SAEConfig(d_in=4, d_sae=6, n_inst=2, dtype=dtype))
+    assert sae.cfg.dtype == "float64"  # stored as the short name (JSON-ready)
+    assert all(t.dtype == torch.float64 for t in sae.state_dict().values())
+    ref = SAE(SAEConfig(d_in=4, d_sae=6, n_inst=2))
+    assert torch.equal(sae.W_enc, ref.W_enc.double())  # float32 draw, then cast
+
+
+@pytest.mark.parametrize("kw, match", [({"dtype": "int8"}, r"dtype.*int8"), ({"device": "nonsense"}, r"device.*nonsense")])
+def test_bad_device_or_dtype_raises(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SAEConfig(d_in=4, d_sae=6, **kw)
+
+
+def test_instance_keeps_device_and_dtype():
+    sae = SAE(SAEConfig(d_in=4, d_sae=6, n_inst=3, dtype="float64"))
+    one = sae.instance(1)
+    assert one.cfg.dtype == "float64" and one.W_dec.dtype == torch.float64
+    assert torch.equal(one.W_dec[0], sae.W_dec[1])
+    moved = SAE(SAEConfig(d_in=4, d_sae=6, n_inst=2)).to(torch.float64)  # moved after it was made
+    assert moved.instance(0).cfg.dtype == "float64" and moved.instance(0).W_enc.dtype == torch.float64
+
+
+def test_config_dict_without_device_or_dtype_loads_with_defaults():
+    d = SAEConfig(d_in=4, d_sae=6).to_dict()
+    del d["device"], d["dtype"]
+    assert SAEConfig.from_dict(d) == SAEConfig(d_in=4, d_sae=6)

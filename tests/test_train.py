@@ -603,3 +603,39 @@ def test_freq_target_defaults_to_target_l0_over_d_sae():
 def test_freq_target_validated(bad):
     with pytest.raises(ValueError, match="freq_target"):
         build_train_cfg(freq_target=bad)
+
+
+def test_allocator_setting_is_opt_in():
+    assert TrainConfig().retain_cpu_memory is False
+
+
+# ---------------------------------------------------------------------------- device and dtype
+@pytest.mark.parametrize(
+    "sae_kw, train_kw",
+    [
+        ({}, {"target_l0": 3.0, "resample_dead_every": 20}),
+        ({}, {"penalty": "smooth_l0_freq", "matryoshka": MatryoshkaConfig(mode="random", n_prefixes=4, permute_latents=True)}),
+        ({"architecture": "batchtopk", "k": 3}, {"matryoshka": MatryoshkaConfig(mode="every", inner_grad_scale=0.5)}),
+        ({}, {"independent_instances": True, "penalty": ["l1", "tanh"]}),
+    ],
+)
+def test_float64_sae_trains_in_float64(sae_kw, train_kw):
+    sae = SAE(build_sae_cfg(dtype="float64", **sae_kw))
+    made: list[torch.Tensor] = []
+    hist = train_sae(sae, tree_data, build_train_cfg(steps=60, **train_kw), callback=lambda s, m: made.append(m.W_dec))
+    assert all(t.dtype == torch.float64 for t in sae.state_dict().values())
+    for name, curve in hist.as_tensors().items():
+        if name != "step":
+            assert curve.dtype == torch.float64, name
+    assert torch.isfinite(hist.final("fvu")).all() and (hist.final("fvu") < 1).all()
+
+
+def test_float64_starts_where_float32_does_and_stays_close():
+    """The same draw in both dtypes; float64 differs from float32 training by rounding only."""
+    runs = {}
+    for dtype in ("float32", "float64"):
+        sae = SAE(build_sae_cfg(dtype=dtype))
+        train_sae(sae, tree_data, build_train_cfg(steps=30))
+        runs[dtype] = sae.W_dec.detach().double()
+    assert (runs["float32"] - runs["float64"]).abs().max() < 1e-3
+    assert (runs["float32"] - runs["float64"]).abs().max() > 0

@@ -7,12 +7,14 @@ noanabeshima/matryoshka-saes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from matplotlib.figure import Figure
 
-from .absorption import instance_summary
+from .absorption import AbsorptionScores, absorption_scores, instance_summary
 from .matryoshka import MatryoshkaConfig
 from .plotting import sae_feature_heatmaps
 from .sae import SAE, SAEConfig
@@ -24,14 +26,29 @@ __all__ = ["ToyComparison", "instance_summary", "compare_vanilla_matryoshka", "N
 
 @dataclass
 class ToyComparison:
-    """A vanilla and a Matryoshka SAE (``n_inst`` seeds each) trained on the same data."""
+    """SAEs of several methods (``n_inst`` seeds each) trained on the same hierarchy.
+
+    ``input_scale`` is the constant the inputs were multiplied by before training (1 for raw
+    inputs); every evaluation that feeds inputs to the SAEs applies it too.
+    """
 
     hierarchy: ToyHierarchy
     saes: dict[str, SAE]
     histories: dict[str, History]
+    input_scale: float = 1.0
 
     def summary(self, method: str) -> list[dict[str, float]]:
+        """Per seed: MCC, recovered / stuck features and the parent/child cosine pattern
+        (:func:`saelib.absorption.instance_summary`)."""
         return instance_summary(self.saes[method], self.hierarchy)
+
+    def absorption(self, method: str, n: int = 20_000, seed: int = 1) -> AbsorptionScores:
+        """SAEBench's full-absorption rate and absorption fraction of every seed of ``method`` on
+        ``n`` fresh samples drawn with ``seed`` (:func:`saelib.absorption.absorption_scores`;
+        ``full_absorption`` / ``absorption_fraction`` are ``[n_inst]``). Raises KeyError for an
+        unknown method."""
+        x, coeffs = self.hierarchy.sample(n, torch.Generator().manual_seed(seed))
+        return absorption_scores(self.saes[method], self.hierarchy, x * self.input_scale, coeffs)
 
     def figure(self, method: str, instance: int = 0) -> Figure:
         """Encoder / decoder / b_dec heatmaps of one trained SAE against the true features."""
@@ -49,19 +66,38 @@ def compare_vanilla_matryoshka(
     n_inst: int = 8,
     d_sae: int | None = None,
     seed: int = 0,
+    input_scale: float = 1.0,
+    methods: Sequence[str] = ("vanilla", "matryoshka"),
 ) -> ToyComparison:
-    """Train ``n_inst`` vanilla and ``n_inst`` Matryoshka ReLU SAEs (same initialisations, same
-    data stream) with ``d_sae`` latents (default: one per true feature)."""
+    """Train ``n_inst`` vanilla and ``n_inst`` Matryoshka ReLU SAEs (same initialisations; the
+    same data stream, or each instance its own with ``train_cfg.independent_instances``) with
+    ``d_sae`` latents (default: one per true feature).
+
+    ``input_scale`` multiplies every input (Nabeshima normalises inputs to a mean norm of
+    ``sqrt(d)``, :meth:`saelib.toy_data.ToyHierarchy.input_scale`, so his sparsity coefficients
+    are in those units). ``methods`` picks which of ``"vanilla"`` and ``"matryoshka"`` to train.
+
+    Raises ValueError for an ``input_scale`` that is not a finite positive number, or for empty
+    or unknown ``methods``.
+    """
+    if not (isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite number > 0, got {input_scale!r}")
+    methods = list(methods)
+    unknown = [m for m in methods if m not in ("vanilla", "matryoshka")]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct names among 'vanilla', 'matryoshka', got {methods!r}")
     cfg = SAEConfig(d_in=hierarchy.d, d_sae=d_sae or hierarchy.n_features, n_inst=n_inst, seed=seed)
 
     def data(batch: int, g: torch.Generator) -> torch.Tensor:
-        return hierarchy.sample(batch, g)[0]
+        x = hierarchy.sample(batch, g)[0]
+        return x if input_scale == 1.0 else x * input_scale
 
     saes, hists = {}, {}
-    for method, mcfg in (("vanilla", None), ("matryoshka", matryoshka_cfg)):
+    for method in methods:
         saes[method] = SAE(cfg)
+        mcfg = matryoshka_cfg if method == "matryoshka" else None
         hists[method] = train_sae(saes[method], data, replace(train_cfg, matryoshka=mcfg))
-    return ToyComparison(hierarchy, saes, hists)
+    return ToyComparison(hierarchy, saes, hists, float(input_scale))
 
 
 @dataclass

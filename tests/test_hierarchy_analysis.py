@@ -3,6 +3,7 @@ saelib.comparison_plots (figures return Figures with the expected content)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -152,3 +153,13 @@ def test_prior_density_plot_has_one_line_per_penalty():
     s = fig.axes[0].lines[1].get_xdata()
     assert abs(l1_slope - 1).max() < 1e-12
     assert abs(cauchy_slope - 2 * s / (1 + s**2)).max() < 1e-9
+
+
+def test_sweep_lines_logy_draws_the_geometric_mean():
+    v = torch.tensor([[1.0, 100.0], [0.1, 10.0]])  # geometric means 10 and 1
+    fig = sweep_lines([0, 1], {"coeff": v}, "step", logy=True)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [10.0, 1.0], rtol=1e-6)  # float32 inputs
+    with pytest.raises(ValueError, match="<= 0"):
+        sweep_lines([0, 1], {"coeff": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}, "step", logy=True)

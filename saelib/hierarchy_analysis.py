@@ -13,13 +13,15 @@ seeded evaluation batch; parent/child cosine patterns from
 
 from __future__ import annotations
 
+import math
+
 from typing import Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .absorption import matched_latents, parent_child_pattern
+from .absorption import absorption_scores, matched_latents, parent_child_pattern
 from .matryoshka import parent_child_split_terms, prefix_term_gradient
 from .metrics import dead_latents, decoder_cosines, encoder_cosines, fvu, l0, mcc, recovered_features
 from .sae import SAE
@@ -47,6 +49,7 @@ def evaluate_instances(
     n_samples: int = 20_000,
     seed: int = 1234,
     threshold: float = 0.9,
+    input_scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """Per-instance metrics, each a ``[inst]`` tensor.
 
@@ -57,13 +60,22 @@ def evaluate_instances(
     latents, by index, of each latent's best decoder cosine with any feature: in a Matryoshka
     SAE the late latents are the specific ones), the decoder parent/child pattern
     (``parent_on_children``, ``child_on_parent``, ``child_on_siblings``, ``child_on_own``) and
-    the encoder's (``enc_parent_on_children``, ...) under the decoder's matching.
+    the encoder's (``enc_parent_on_children``, ...) under the decoder's matching, and SAEBench's
+    ``full_absorption`` rate and ``absorption_fraction`` on the same samples
+    (:func:`saelib.absorption.absorption_scores`; NaN for a hierarchy without parents).
+    ``input_scale`` multiplies the samples before they reach the SAE (the constant the SAE's
+    training inputs were multiplied by; FVU is then in those units, which does not change it).
 
-    Raises ValueError if the SAE's ``d_in`` is not the hierarchy's ``d``.
+    Raises ValueError if the SAE's ``d_in`` is not the hierarchy's ``d``, or ``input_scale`` is
+    not a finite number > 0.
     """
     if sae.d_in != hierarchy.d:
         raise ValueError(f"SAE d_in={sae.d_in} but hierarchy d={hierarchy.d}")
-    x, _ = hierarchy.sample(n_samples, torch.Generator().manual_seed(seed))
+    if not (math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite number > 0, got {input_scale!r}")
+    x, coeffs = hierarchy.sample(n_samples, torch.Generator().manual_seed(seed))
+    if input_scale != 1.0:
+        x = x * input_scale
     x_hat, acts = sae(x)
     rows: dict[str, list[float]] = {}
     for i in range(sae.n_inst):
@@ -83,6 +95,11 @@ def evaluate_instances(
     out["fvu"] = fvu(x, x_hat)
     out["l0"] = l0(acts)
     out["dead_frac"] = dead_latents(acts).float().mean(-1)
+    if any(hierarchy.children_of(f) for f in range(hierarchy.n_features)):
+        scores = absorption_scores(sae, hierarchy, x, coeffs)
+        out["full_absorption"], out["absorption_fraction"] = scores.full_absorption, scores.absorption_fraction
+    else:
+        out["full_absorption"] = out["absorption_fraction"] = torch.full((sae.n_inst,), float("nan"))
     return out
 
 

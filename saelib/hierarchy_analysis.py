@@ -240,6 +240,7 @@ def split_term_push(
     weights: Float[Tensor, " d_sae"],
     n_samples: int = 20_000,
     seed: int = 0,
+    input_scale: float = 1.0,
 ) -> dict[str, Float[Tensor, "inst n_parents"]]:
     """Nabeshima's hypothesis probe (seed 000): how the parent-in / child-out loss terms move each
     parent's decoder row along its children, against all other terms.
@@ -249,14 +250,19 @@ def split_term_push(
     each child's direction and averaged over the children. ``"split"``: the terms of
     :func:`saelib.matryoshka.parent_child_split_terms`; ``"rest"``: every other term. Terms are
     weighted by ``weights`` (e.g. :func:`saelib.matryoshka.expected_prefix_weights`) over
-    ``n_samples`` fresh samples. Positive: pulled toward the children.
+    ``n_samples`` fresh samples, multiplied by ``input_scale`` (the constant the SAE's training
+    inputs were multiplied by). Positive: pulled toward the children.
 
-    Raises ValueError if ``latent_of_feature`` is not ``[inst, n_feat]``.
+    Raises ValueError if ``latent_of_feature`` is not ``[inst, n_feat]`` or ``input_scale`` is not
+    a finite number > 0.
     """
+    if not (math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite number > 0, got {input_scale!r}")
     n_inst, n_feat = sae.n_inst, hierarchy.n_features
     if latent_of_feature.shape != (n_inst, n_feat):
         raise ValueError(f"latent_of_feature must be [{n_inst}, {n_feat}], got {tuple(latent_of_feature.shape)}")
     x, coeffs = hierarchy.sample(n_samples, torch.Generator().manual_seed(seed))
+    x = x * input_scale if input_scale != 1.0 else x
     split = parent_child_split_terms(coeffs, hierarchy.parent_index, latent_of_feature, sae.d_sae).float()
     w = weights.expand(n_inst, -1)
     parents = [f for f in range(n_feat) if hierarchy.children_of(f)]

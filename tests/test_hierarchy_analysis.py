@@ -184,3 +184,20 @@ def test_evaluate_input_scale_is_applied_before_the_sae():
     for bad in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="input_scale"):
             evaluate_instances(sae, tree, n_samples=10, input_scale=bad)
+
+
+def test_split_term_push_scales_with_the_input_scale_squared():
+    # from the true features (a linear, bias-free SAE) a term's gradient on the decoder is
+    # 2 a (x_hat - x): both factors scale with the input, so the push scales with input_scale²
+    from saelib.hierarchy_analysis import split_term_push
+    from saelib.matryoshka import MatryoshkaConfig, expected_prefix_weights
+    tree = nabeshima_tree()
+    sae = truth_sae(tree, n_inst=1)
+    latent_of = torch.arange(tree.n_features)[None]
+    w = expected_prefix_weights(MatryoshkaConfig(mode="random"), tree.n_features)
+    one = split_term_push(sae, tree, latent_of, w, n_samples=2000, seed=1)
+    two = split_term_push(sae, tree, latent_of, w, n_samples=2000, seed=1, input_scale=2.0)
+    assert (one["split"] > 0).all()
+    torch.testing.assert_close(two["split"], 4 * one["split"], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="input_scale"):
+        split_term_push(sae, tree, latent_of, w, n_samples=10, input_scale=0.0)

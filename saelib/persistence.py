@@ -513,7 +513,9 @@ def load_sae_lens(path: str | Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache
-_TRAINING_SOURCES = ("sae.py", "train.py", "penalties.py", "matryoshka.py", "every_prefix.py", "distributed.py")
+_TRAINING_SOURCES = (
+    "sae.py", "train.py", "train_parts.py", "penalties.py", "matryoshka.py", "matryoshka_probes.py", "distributed.py"
+)
 
 
 def _training_code_fingerprint() -> str:

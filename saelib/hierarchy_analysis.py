@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .absorption import absorption_scores, matched_latents, parent_child_pattern
-from .matryoshka import parent_child_split_terms, prefix_term_gradient
+from .matryoshka_probes import parent_child_split_terms, prefix_term_gradient
 from .metrics import dead_latents, decoder_cosines, encoder_cosines, fvu, l0, mcc, recovered_features
 from .sae import SAE
 from .toy_data import ToyHierarchy
@@ -246,9 +246,9 @@ def split_term_push(
     parent's decoder row along its children, against all other terms.
 
     For every feature with children (in index order), the descent step that the selected terms
-    give the parent's decoder row (:func:`saelib.matryoshka.prefix_term_gradient`), projected on
+    give the parent's decoder row (:func:`saelib.matryoshka_probes.prefix_term_gradient`), projected on
     each child's direction and averaged over the children. ``"split"``: the terms of
-    :func:`saelib.matryoshka.parent_child_split_terms`; ``"rest"``: every other term. Terms are
+    :func:`saelib.matryoshka_probes.parent_child_split_terms`; ``"rest"``: every other term. Terms are
     weighted by ``weights`` (e.g. :func:`saelib.matryoshka.expected_prefix_weights`) over
     ``n_samples`` fresh samples, multiplied by ``input_scale`` (the constant the SAE's training
     inputs were multiplied by). Positive: pulled toward the children.

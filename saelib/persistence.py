@@ -511,7 +511,9 @@ def sae_lens_folder(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache
-_TRAINING_SOURCES = ("sae.py", "train.py", "penalties.py", "matryoshka.py", "every_prefix.py", "distributed.py")
+_TRAINING_SOURCES = (
+    "sae.py", "train.py", "train_parts.py", "penalties.py", "matryoshka.py", "matryoshka_probes.py", "distributed.py"
+)
 
 
 def _training_code_fingerprint() -> str:

@@ -266,17 +266,15 @@ def worker_profile(spec: dict) -> dict:
 def _prefix_loss(method: str, x, acts, sae, weights, prefixes_timed: int | None = None):
     import torch
 
-    from saelib.every_prefix import sparse_prefix_loss
-    from saelib.matryoshka import every_prefix_errors, prefix_errors
+    from saelib.matryoshka import matryoshka_loss
 
     W_dec, b_dec = sae.W_dec, sae.b_dec
     if method == "sparse exact (new)":
-        return sparse_prefix_loss(x, acts, W_dec, b_dec, weights)
+        return matryoshka_loss(x, acts, W_dec, b_dec, weights, method="sparse")
     if method == "dense Gram exact":
-        return (every_prefix_errors(x, acts, W_dec, b_dec).mean(0) * weights).sum(-1)
-    if method == "block decode":
-        ends = torch.arange(1, sae.d_sae + 1)
-        return (prefix_errors(x, acts, W_dec, b_dec, ends).mean(0) * weights).sum(-1)
+        return matryoshka_loss(x, acts, W_dec, b_dec, weights, method="gram")
+    if method == "block decode":  # the benchmark's weights are "every": blocks at every length
+        return matryoshka_loss(x, acts, W_dec, b_dec, weights, method="blocks")
     if method == "naive loop":  # one decode per prefix; on n evenly spaced lengths if n < d_sae
         n = prefixes_timed or sae.d_sae
         lengths = range(1, sae.d_sae + 1)
@@ -294,7 +292,7 @@ def worker_every_prefix(spec: dict) -> dict:
     """Step time of a TopK SAE with the plain MSE vs exact every-prefix Matryoshka losses.
 
     Methods ``"train_sae ..."`` time whole ``train_sae`` runs (its own loop, the library's routing
-    in ``matryoshka_recon_loss``); the others time a bare step: encode, loss, backward, Adam.
+    in ``matryoshka_loss(method="auto")``); the others time a bare step: encode, loss, backward, Adam.
     """
     import torch
 
@@ -624,7 +622,7 @@ def targets(s: dict) -> list[dict]:
         row("ep4096 sparse exact (new) vs vanilla", "every prefix (sparse exact) vs vanilla step, d_sae 4096, "
             "L0 32", "<= 1.5x", lambda v: v <= 1.5,
             "The sparse path costs O(batch · L0 · (L0 + d_in)) on top of the encoder; check the gather and "
-            "Gram rows of a profile of `sparse_prefix_loss`."),
+            "Gram rows of a profile of `matryoshka_loss(method=\"sparse\")`."),
         row("ep4096 train_sae every vs vanilla", "same, through `train_sae` (library routing)", "<= 1.5x",
             lambda v: v <= 1.5, "As above; `train_sae` also computes the unused full decode for logging."),
         row("inst32_time_vs_one", "32 instances vs one (wall time)", "<= 4x", lambda v: v <= 4,
@@ -725,7 +723,7 @@ def render_markdown(res: dict) -> str:
     ep = every_prefix_table(res)
     L += ["## 3. Exact every-prefix Matryoshka (TopK SAE, d_in 512)", "",
           "Every prefix length 1..d_sae with weight 1/d_sae. Bare-step rows time encode, loss, backward and "
-          "Adam; `train_sae` rows time the library's loop (its routing in `matryoshka_recon_loss`: dense Gram "
+          "Adam; `train_sae` rows time the library's loop (its routing in `matryoshka_loss(method=\"auto\")`: dense Gram "
           "path for small problems, the sparse path for large ones). Rows measured at a smaller batch are "
           "scaled linearly to 4096 samples; the naive loop at d_sae 4096 is timed on evenly spaced prefix "
           "lengths and extrapolated (vanilla + d_sae/timed × extra cost). The block decode is not run at "

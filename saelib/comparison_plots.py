@@ -77,10 +77,13 @@ def sweep_lines(
     ylabel: str = "cosine",
     title: str = "",
     logx: bool = False,
+    logy: bool = False,
 ) -> Figure:
     """Mean ± one standard deviation over seeds of several quantities along a swept parameter.
 
-    ``series[name]`` is ``[len(x), n_seeds]``. Raises ValueError on a length mismatch.
+    ``series[name]`` is ``[len(x), n_seeds]``. With ``logy`` the y axis is logarithmic and the band
+    is the geometric mean times / divided by the geometric standard deviation (values must then be
+    > 0). Raises ValueError on a length mismatch, or for values <= 0 with ``logy``.
     """
     xs = _np(x)
     fig = Figure(figsize=(5.0, 3.4), layout="constrained")
@@ -89,10 +92,20 @@ def sweep_lines(
         v = _np(vals)
         if v.ndim != 2 or v.shape[0] != len(xs):
             raise ValueError(f"series {name!r} must be [{len(xs)}, n_seeds], got {v.shape}")
-        mean, std = np.nanmean(v, 1), np.nanstd(v, 1)
-        ax.plot(xs, mean, marker="o", color=f"C{k}", label=name)
-        ax.fill_between(xs, mean - std, mean + std, color=f"C{k}", alpha=0.2)
-    ax.axhline(0.0, color="0.5", lw=0.8)
+        if logy:
+            if not (v[np.isfinite(v)] > 0).all():
+                raise ValueError(f"series {name!r} has values <= 0, which a log axis cannot show")
+            lv = np.log(v)
+            mean, lo, hi = (np.exp(np.nanmean(lv, 1) + d * np.nanstd(lv, 1)) for d in (0, -1, 1))
+        else:
+            mean, std = np.nanmean(v, 1), np.nanstd(v, 1)
+            lo, hi = mean - std, mean + std
+        ax.plot(xs, mean, marker="o" if len(xs) <= 50 else None, color=f"C{k}", label=name)
+        ax.fill_between(xs, lo, hi, color=f"C{k}", alpha=0.2)
+    if logy:
+        ax.set_yscale("log")
+    else:
+        ax.axhline(0.0, color="0.5", lw=0.8)
     if logx:
         ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
     ax.set_xlabel(xlabel)

@@ -13,14 +13,16 @@ seeded evaluation batch; parent/child cosine patterns from
 
 from __future__ import annotations
 
+import math
+
 from typing import Mapping, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .absorption import matched_latents, parent_child_pattern
-from .matryoshka import parent_child_split_terms, prefix_term_gradient
+from .absorption import absorption_scores, matched_latents, parent_child_pattern
+from .matryoshka_probes import parent_child_split_terms, prefix_term_gradient
 from .metrics import dead_latents, decoder_cosines, encoder_cosines, fvu, l0, mcc, recovered_features
 from .sae import SAE
 from .toy_data import ToyHierarchy
@@ -47,6 +49,7 @@ def evaluate_instances(
     n_samples: int = 20_000,
     seed: int = 1234,
     threshold: float = 0.9,
+    input_scale: float = 1.0,
 ) -> dict[str, Tensor]:
     """Per-instance metrics, each a ``[inst]`` tensor.
 
@@ -57,13 +60,22 @@ def evaluate_instances(
     latents, by index, of each latent's best decoder cosine with any feature: in a Matryoshka
     SAE the late latents are the specific ones), the decoder parent/child pattern
     (``parent_on_children``, ``child_on_parent``, ``child_on_siblings``, ``child_on_own``) and
-    the encoder's (``enc_parent_on_children``, ...) under the decoder's matching.
+    the encoder's (``enc_parent_on_children``, ...) under the decoder's matching, and SAEBench's
+    ``full_absorption`` rate and ``absorption_fraction`` on the same samples
+    (:func:`saelib.absorption.absorption_scores`; NaN for a hierarchy without parents).
+    ``input_scale`` multiplies the samples before they reach the SAE (the constant the SAE's
+    training inputs were multiplied by; FVU is then in those units, which does not change it).
 
-    Raises ValueError if the SAE's ``d_in`` is not the hierarchy's ``d``.
+    Raises ValueError if the SAE's ``d_in`` is not the hierarchy's ``d``, or ``input_scale`` is
+    not a finite number > 0.
     """
     if sae.d_in != hierarchy.d:
         raise ValueError(f"SAE d_in={sae.d_in} but hierarchy d={hierarchy.d}")
-    x, _ = hierarchy.sample(n_samples, torch.Generator().manual_seed(seed))
+    if not (math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite number > 0, got {input_scale!r}")
+    x, coeffs = hierarchy.sample(n_samples, torch.Generator().manual_seed(seed))
+    if input_scale != 1.0:
+        x = x * input_scale
     x_hat, acts = sae(x)
     rows: dict[str, list[float]] = {}
     for i in range(sae.n_inst):
@@ -83,6 +95,11 @@ def evaluate_instances(
     out["fvu"] = fvu(x, x_hat)
     out["l0"] = l0(acts)
     out["dead_frac"] = dead_latents(acts).float().mean(-1)
+    if any(hierarchy.children_of(f) for f in range(hierarchy.n_features)):
+        scores = absorption_scores(sae, hierarchy, x, coeffs)
+        out["full_absorption"], out["absorption_fraction"] = scores.full_absorption, scores.absorption_fraction
+    else:
+        out["full_absorption"] = out["absorption_fraction"] = torch.full((sae.n_inst,), float("nan"))
     return out
 
 
@@ -223,23 +240,29 @@ def split_term_push(
     weights: Float[Tensor, " d_sae"],
     n_samples: int = 20_000,
     seed: int = 0,
+    input_scale: float = 1.0,
 ) -> dict[str, Float[Tensor, "inst n_parents"]]:
     """Nabeshima's hypothesis probe (seed 000): how the parent-in / child-out loss terms move each
     parent's decoder row along its children, against all other terms.
 
     For every feature with children (in index order), the descent step that the selected terms
-    give the parent's decoder row (:func:`saelib.matryoshka.prefix_term_gradient`), projected on
+    give the parent's decoder row (:func:`saelib.matryoshka_probes.prefix_term_gradient`), projected on
     each child's direction and averaged over the children. ``"split"``: the terms of
-    :func:`saelib.matryoshka.parent_child_split_terms`; ``"rest"``: every other term. Terms are
+    :func:`saelib.matryoshka_probes.parent_child_split_terms`; ``"rest"``: every other term. Terms are
     weighted by ``weights`` (e.g. :func:`saelib.matryoshka.expected_prefix_weights`) over
-    ``n_samples`` fresh samples. Positive: pulled toward the children.
+    ``n_samples`` fresh samples, multiplied by ``input_scale`` (the constant the SAE's training
+    inputs were multiplied by). Positive: pulled toward the children.
 
-    Raises ValueError if ``latent_of_feature`` is not ``[inst, n_feat]``.
+    Raises ValueError if ``latent_of_feature`` is not ``[inst, n_feat]`` or ``input_scale`` is not
+    a finite number > 0.
     """
+    if not (math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite number > 0, got {input_scale!r}")
     n_inst, n_feat = sae.n_inst, hierarchy.n_features
     if latent_of_feature.shape != (n_inst, n_feat):
         raise ValueError(f"latent_of_feature must be [{n_inst}, {n_feat}], got {tuple(latent_of_feature.shape)}")
     x, coeffs = hierarchy.sample(n_samples, torch.Generator().manual_seed(seed))
+    x = x * input_scale if input_scale != 1.0 else x
     split = parent_child_split_terms(coeffs, hierarchy.parent_index, latent_of_feature, sae.d_sae).float()
     w = weights.expand(n_inst, -1)
     parents = [f for f in range(n_feat) if hierarchy.children_of(f)]

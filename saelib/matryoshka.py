@@ -1,8 +1,9 @@
-"""The Matryoshka reconstruction loss over nested prefixes of latents.
+"""The Matryoshka reconstruction loss over nested prefixes of latents: one entry point,
+:func:`matryoshka_loss`.
 
 A Matryoshka SAE (Nabeshima 2024, "Matryoshka Sparse Autoencoders", LessWrong; Bussmann et al.
 2025, arXiv 2503.17547) asks every prefix ``latents[:m]`` to reconstruct the input on its own.
-The loss is a weighted mean over prefix lengths ``m`` of the squared error of
+The loss is a weighted sum over prefix lengths ``m`` of the batch-mean squared error of
 ``acts[:, :m] @ W_dec[:m] + b_dec``. Which prefixes, and with what weight, is a
 ``[inst, d_sae]`` weight matrix (column ``m - 1`` is prefix length ``m``; rows sum to 1):
 
@@ -13,25 +14,34 @@ The loss is a weighted mean over prefix lengths ``m`` of the squared error of
 * ``"every"``: every length ``1 .. d_sae`` with weight ``1 / d_sae``.
 
 With ``weight_sparsity_by_prefix`` (Nabeshima's code) the sparsity penalty is averaged over the
-same prefixes, so latent ``j`` is penalised with weight ``sum_{m > j} w_m``.
+same prefixes, so latent ``j`` is penalised with its tail weight ``T_j = sum_{m > j} w_m``
+(:func:`latent_weights`).
 
-Variants (seed 000 and 002 questions; notebook 03):
+Variants (seed 000 and 002 questions; notebook 03), all options of :func:`matryoshka_loss`:
 
 * ``inner_weight`` (Chanin et al. 2025, arXiv 2505.11756, "balance" Matryoshka): every prefix
   shorter than ``d_sae`` gets weight ``inner_weight`` relative to the full prefix before the row is
-  normalised; 0 is a vanilla SAE, 1 the plain Matryoshka mean.
+  normalised; 0 is a vanilla SAE, 1 the plain Matryoshka mean (in :func:`prefix_weights`).
 * ``inner_grad_scale``: the loss of a chosen prefix ``m`` sends only this fraction of its gradient
   into the latents that already sit inside the previous chosen prefix (the "inner" sub-SAEs);
   the newest block ``[prev(m), m)`` gets the full gradient. 0 is Nabeshima's stop-gradient
   experiment (seed 000; Chanin's ``use_delta_loss``), values in ``(0, 1)`` the partial version.
   Forward values are unchanged.
-* per-``(sample, prefix)`` term masks (:class:`SplitTermMask`): drop the terms in which a child
-  feature is active and the prefix holds its parent's latent but not its own (Nabeshima's
-  hypothesis for the residual parent/child mixing, seed 000), and
-  :func:`prefix_term_gradient` to measure what chosen terms do to one decoder row.
+* ``keep``: per-``(sample, prefix)`` term weights, e.g. the parent-in / child-out mask of
+  :class:`saelib.matryoshka_probes.SplitTermMask` (the seed-000 hypothesis probes live in
+  :mod:`saelib.matryoshka_probes`).
 
 Different instances may use different configs (:class:`PerInstanceMatryoshka`), so that many
 variants train side by side in one batched run.
+
+How the loss is computed. ``method="loop"`` is the reference: one decode per chosen prefix, per
+instance, written as the definition reads. The other methods give the same value and gradients
+at a lower cost: ``"gram"`` (every prefix's error from cumulative sums over a decoder Gram
+matrix), ``"blocks"`` (one decode split into blocks at the chosen lengths) and ``"sparse"``
+(a quadratic form over the active latents only; see :func:`_sparse_loss`). ``method="auto"``
+picks one by the rule in :func:`_auto_method`, the only place such a rule is written. Gradient
+routing (``inner_grad_scale``) is added to any of the three the same way (see
+:func:`matryoshka_loss`).
 """
 
 from __future__ import annotations
@@ -40,32 +50,23 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float, Int, Int64
 from torch import Tensor
-
-from .every_prefix import sparse_prefix_loss
-from .toy_data import ToyHierarchy
 
 __all__ = [
     "MatryoshkaConfig",
     "prefix_weights",
-    "latent_weights",
-    "prefix_errors",
-    "every_prefix_errors",
-    "matryoshka_recon_loss",
     "PerInstanceMatryoshka",
     "batched_prefix_weights",
     "expected_prefix_weights",
+    "latent_weights",
     "previous_prefix",
-    "routed_prefix_errors",
-    "prefix_term_errors",
-    "matryoshka_variant_loss",
-    "parent_child_split_terms",
-    "SplitTermMask",
-    "prefix_term_gradient",
+    "LossMethod",
+    "matryoshka_loss",
 ]
 
 PrefixMode = Literal["fixed", "random", "every"]
+LossMethod = Literal["auto", "loop", "gram", "blocks", "sparse"]
 
 
 @dataclass
@@ -168,98 +169,6 @@ def _equal_prefix_weights(
     w.scatter_(1, candidates[picks] - 1, 1.0 / cfg.n_prefixes)
     return w
 
-
-def latent_weights(
-    weights: Float[Tensor, "inst d_sae"], inner_grad_scale: Float[Tensor, " inst"] | None = None
-) -> Float[Tensor, "inst d_sae"]:
-    """Fraction (by weight) of prefixes that contain each latent: ``T_j = sum_{m > j} w_m``.
-
-    With ``inner_grad_scale`` ``γ`` (see :func:`routed_prefix_errors`) the sparsity penalty is
-    routed like the reconstruction: prefix ``m`` penalises its own block at full weight and the
-    inner latents at ``γ``, so latent ``j`` gets ``w_h + γ (T_j - w_h)`` where ``h`` is the
-    smallest chosen prefix containing it (its block). As in Chanin et al.'s ``use_delta_loss``,
-    where each prefix's L1 covers only its new block.
-    """
-    tail = weights.flip(-1).cumsum(-1).flip(-1)
-    if inner_grad_scale is None:
-        return tail
-    w_home = weights.gather(-1, _home_prefix(weights))
-    gamma = inner_grad_scale.to(weights)[:, None]
-    return w_home + gamma * (tail - w_home)
-
-
-def prefix_errors(
-    x: Float[Tensor, "batch inst d_in"],
-    acts: Float[Tensor, "batch inst d_sae"],
-    W_dec: Float[Tensor, "inst d_sae d_in"],
-    b_dec: Float[Tensor, "inst d_in"],
-    ends: Tensor,
-) -> Float[Tensor, "batch inst n_ends"]:
-    """Squared error ``||x - acts[:, :m] @ W_dec[:m] - b_dec||²`` for each length ``m`` in ``ends``.
-
-    ``ends`` is a sorted 1-d long tensor of prefix lengths in ``[1, d_sae]``. Cost: one decode
-    split into blocks at ``ends``, plus a cumulative sum over the blocks.
-    """
-    bounds = [0] + [int(e) for e in ends]
-    block_out = [
-        torch.einsum("bis,isd->bid", acts[..., s:e], W_dec[:, s:e]) for s, e in zip(bounds[:-1], bounds[1:])
-    ]
-    recon = torch.stack(block_out, dim=2).cumsum(dim=2) + b_dec[None, :, None, :]  # [b, i, K, d]
-    return (x[:, :, None, :] - recon).pow(2).sum(-1)
-
-
-def every_prefix_errors(
-    x: Float[Tensor, "batch inst d_in"],
-    acts: Float[Tensor, "batch inst d_sae"],
-    W_dec: Float[Tensor, "inst d_sae d_in"],
-    b_dec: Float[Tensor, "inst d_in"],
-) -> Float[Tensor, "batch inst d_sae"]:
-    """Squared error of every prefix at once (column ``m - 1`` ↔ length ``m``), exactly.
-
-    With ``e = x - b_dec``, ``d_j`` the decoder rows and ``G = W_dec W_decᵀ`` their Gram matrix::
-
-        ||e - sum_{j<m} a_j d_j||² = ||e||² - 2 sum_{j<m} a_j <e, d_j>
-                                     + sum_{j<m} a_j (2 sum_{i<=j} a_i G_ij - a_j G_jj)
-
-    so all ``d_sae`` prefix errors come from cumulative sums over latents, at a cost of
-    ``O(batch · d_sae · (d_in + d_sae))`` per instance instead of one decode per prefix.
-    """
-    e = x - b_dec  # [b, i, d]
-    gram = torch.einsum("isd,itd->ist", W_dec, W_dec)  # [i, s, s]
-    proj = torch.einsum("bid,isd->bis", e, W_dec)  # <e, d_j>
-    upper = torch.einsum("bis,ist->bit", acts, gram.triu())  # sum_{i<=j} a_i G_ij
-    diag = gram.diagonal(dim1=-2, dim2=-1)  # [i, s]
-    terms = acts * (2 * upper - acts * diag - 2 * proj)
-    return e.pow(2).sum(-1, keepdim=True) + terms.cumsum(-1)
-
-
-# the dense Gram path costs batch · inst · d_sae² multiply-adds: used below this many, or when
-# d_sae <= d_in (then it costs at most one more encoder-sized product)
-_DENSE_PREFIX_LIMIT = 2**23
-
-
-def matryoshka_recon_loss(
-    x: Float[Tensor, "batch inst d_in"],
-    acts: Float[Tensor, "batch inst d_sae"],
-    W_dec: Float[Tensor, "inst d_sae d_in"],
-    b_dec: Float[Tensor, "inst d_in"],
-    weights: Float[Tensor, "inst d_sae"],
-) -> Float[Tensor, " inst"]:
-    """Weighted mean over prefixes of the batch-mean squared error, per instance.
-
-    Small problems and ``d_sae <= d_in`` use the dense Gram path (:func:`every_prefix_errors`);
-    larger ones use the sparse exact path (:func:`saelib.every_prefix.sparse_prefix_loss`, cost
-    set by the largest row L0) when that L0 is below the number of weighted prefixes, else one
-    decode split into blocks.
-    """
-    if acts.numel() * acts.shape[-1] <= _DENSE_PREFIX_LIMIT or acts.shape[-1] <= x.shape[-1]:
-        errs = every_prefix_errors(x, acts, W_dec, b_dec).mean(0)  # [inst, d_sae]
-        return (errs * weights).sum(-1)
-    ends = torch.nonzero(weights.sum(0) > 0).flatten() + 1
-    if int((acts != 0).sum(-1).max()) < len(ends):  # e.g. "every" prefix on a wide TopK SAE
-        return sparse_prefix_loss(x, acts, W_dec, b_dec, weights)
-    errs = prefix_errors(x, acts, W_dec, b_dec, ends).mean(0)  # [inst, K]
-    return (errs * weights[:, ends - 1]).sum(-1)
 
 
 # ---------------------------------------------------------------------- per-instance configs
@@ -369,12 +278,39 @@ def expected_prefix_weights(
 ) -> Float[Tensor, " d_sae"]:
     """Mean prefix weights over ``n_draws`` draws (exact for ``"fixed"`` and ``"every"``):
     the weights to use when measuring the loss's average effect, e.g. in
-    :func:`prefix_term_gradient`."""
+    :func:`saelib.matryoshka_probes.prefix_term_gradient`."""
     g = torch.Generator().manual_seed(seed)
     return prefix_weights(cfg, d_sae, n_draws, g).mean(0)
 
 
-# ---------------------------------------------------------------------- gradient routing
+
+# ---------------------------------------------------------------------- weights of latents
+def _tail_weights(weights: Float[Tensor, "inst d_sae"]) -> Float[Tensor, "inst d_sae"]:
+    """``T_j = sum_{m > j} w_m``: the total weight of the prefixes that contain latent ``j``
+    (column ``j``; non-increasing in ``j``; column 0 is the total weight ``W``)."""
+    return weights.flip(-1).cumsum(-1).flip(-1)
+
+
+def latent_weights(
+    weights: Float[Tensor, "inst d_sae"], inner_grad_scale: Float[Tensor, " inst"] | None = None
+) -> Float[Tensor, "inst d_sae"]:
+    """Fraction (by weight) of prefixes that contain each latent: the tail weight
+    ``T_j = sum_{m > j} w_m``.
+
+    With ``inner_grad_scale`` ``γ`` (see :func:`matryoshka_loss`) the sparsity penalty is
+    routed like the reconstruction: prefix ``m`` penalises its own block at full weight and the
+    inner latents at ``γ``, so latent ``j`` gets ``w_h + γ (T_j - w_h)`` where ``h`` is the
+    smallest chosen prefix containing it (its block). As in Chanin et al.'s ``use_delta_loss``,
+    where each prefix's L1 covers only its new block.
+    """
+    tail = _tail_weights(weights)
+    if inner_grad_scale is None:
+        return tail
+    w_home = weights.gather(-1, _home_prefix(weights))
+    gamma = inner_grad_scale.to(weights)[:, None]
+    return w_home + gamma * (tail - w_home)
+
+
 def previous_prefix(weights: Float[Tensor, "inst d_sae"]) -> Int[Tensor, "inst d_sae"]:
     """For every length ``m`` (column ``m - 1``), the largest chosen length ``< m`` (0 if none).
 
@@ -387,7 +323,273 @@ def previous_prefix(weights: Float[Tensor, "inst d_sae"]) -> Int[Tensor, "inst d
     return torch.cat([torch.zeros_like(upto[:, :1]), upto[:, :-1]], dim=-1)
 
 
-def routed_prefix_errors(
+def _home_prefix(weights: Float[Tensor, "inst d_sae"]) -> Int[Tensor, "inst d_sae"]:
+    """Column of the smallest chosen prefix that contains each latent (its block)."""
+    d_sae = weights.shape[-1]
+    cols = torch.arange(d_sae, device=weights.device).expand_as(weights)
+    chosen_col = torch.where(weights > 0, cols, torch.full_like(cols, d_sae))
+    return chosen_col.flip(-1).cummin(-1).values.flip(-1).clamp_max(d_sae - 1)
+
+
+# ---------------------------------------------------------------------- the loss
+def matryoshka_loss(
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    W_dec: Float[Tensor, "inst d_sae d_in"],
+    b_dec: Float[Tensor, "inst d_in"],
+    weights: Float[Tensor, "inst d_sae"],
+    inner_grad_scale: Float[Tensor, " inst"] | None = None,
+    keep: Float[Tensor, "batch inst d_sae"] | None = None,
+    method: LossMethod = "auto",
+) -> Float[Tensor, " inst"]:
+    """The Matryoshka reconstruction loss per instance:
+    ``sum_m w_m mean_batch(keep[b, m] · ||x - acts[:, :m] @ W_dec[:m] - b_dec||²)``.
+
+    Args:
+        x: reconstruction targets (squared error summed over ``d_in``, so the unit is that of
+            ``x`` squared).
+        acts: latent activations.
+        W_dec, b_dec: decoder rows and bias.
+        weights: ``weights[i, m - 1]`` is the weight of prefix length ``m`` for instance ``i``
+            (>= 0; :func:`prefix_weights`); lengths with weight 0 cost nothing.
+        inner_grad_scale: ``γ`` per instance, in ``[0, 1]``: the gradient of prefix ``m``'s
+            error reaching latents ``< prev(m)`` (:func:`previous_prefix`) is multiplied by
+            ``γ``; its block ``[prev(m), m)``, ``b_dec`` and ``x`` get the full gradient. The
+            value never depends on ``γ``. None means 1 everywhere.
+        keep: weight of each ``(sample, prefix)`` term (1 keeps, 0 drops it; the batch mean
+            still divides by the full batch). None keeps every term.
+        method: ``"loop"``, the reference (one decode per chosen prefix and instance, as the
+            formula reads; for tests and small problems); ``"gram"``, every prefix's error from
+            cumulative sums over the decoder Gram matrix, ``O(batch · inst · d_sae · (d_in +
+            d_sae))``; ``"blocks"``, one decode split into blocks at the chosen lengths plus a
+            cumulative sum, ``O(batch · inst · n_chosen · d_in)`` memory; ``"sparse"``, a
+            quadratic form over the active latents only, ``O(batch · inst · L0 · (L0 +
+            d_in))`` with ``L0`` the largest row L0 (exact gradients for ReLU / TopK /
+            BatchTopK; see :func:`_sparse_loss`); ``"auto"`` (default): the rule of
+            :func:`_auto_method`. Every method gives the same value and gradients up to float
+            rounding. Routed instances (``γ != 1``) add to the value path a surrogate whose
+            gradient is the routed one (:func:`_block_only_surrogate`), or, where ``keep``
+            drops terms of a routed instance, decode its prefixes explicitly
+            (:func:`_routed_errors`).
+
+    Returns:
+        ``[inst]`` loss.
+
+    Raises:
+        ValueError: mismatched shapes; an unknown ``method``; ``method="sparse"`` with ``keep``;
+            negative weights (``"sparse"``).
+
+    Sources: Nabeshima 2024 (random prefixes, stop-gradient question); Bussmann et al. 2025
+    (fixed groups); Chanin et al. 2025 (inner-loss weight, delta loss); the every-prefix loss
+    wished for in seed 000.
+    """
+    _check_shapes(x, acts, W_dec, b_dec, weights, inner_grad_scale, keep)
+    if method == "auto":
+        method = _auto_method(x, acts, weights, keep)
+    if method == "loop":
+        return _loop_loss(x, acts, W_dec, b_dec, weights, inner_grad_scale, keep)
+    if method not in ("gram", "blocks", "sparse"):
+        raise ValueError(f"method must be one of 'auto', 'loop', 'gram', 'blocks', 'sparse', got {method!r}")
+    if keep is None:
+        loss = _unmasked_loss(method, x, acts, W_dec, b_dec, weights)
+    else:
+        keep = keep.to(acts.dtype)
+        loss = _masked_loss(method, x, acts, W_dec, b_dec, weights, keep)
+    if inner_grad_scale is None:
+        return loss
+    routed = (inner_grad_scale != 1).nonzero().flatten()
+    if len(routed) == 0:
+        return loss
+    # routed instances that drop no term take the cheap surrogate, the others explicit decodes
+    whole = None if keep is None else keep[:, routed].eq(1).all(dim=2).all(dim=0)
+    r = routed if whole is None else routed[whole]
+    if len(r):
+        gamma = inner_grad_scale[r].to(loss)
+        sur = _block_only_surrogate(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r])
+        loss = loss.index_copy(0, r, gamma * loss[r] + (1 - gamma) * (loss[r].detach() + sur - sur.detach()))
+    if whole is not None:
+        r = routed[~whole]
+        if len(r):
+            dense = _routed_errors(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r], inner_grad_scale[r])
+            loss = loss.index_copy(0, r, ((dense * keep[:, r]).mean(0) * weights[r]).sum(-1))
+    return loss
+
+
+# the dense Gram path costs batch · inst · d_sae² multiply-adds: "auto" takes it below this many,
+# or when d_sae <= d_in (then it costs at most one more encoder-sized product)
+_DENSE_PREFIX_LIMIT = 2**23
+
+
+def _auto_method(
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    weights: Float[Tensor, "inst d_sae"],
+    keep: Tensor | None,
+) -> str:
+    """The method ``matryoshka_loss(method="auto")`` uses; the one place this choice is made.
+
+    1. ``keep`` given: ``"gram"`` (per-term errors of every prefix; the sparse form cannot
+       weight single terms).
+    2. ``batch · inst · d_sae² <= _DENSE_PREFIX_LIMIT`` (2**23) or ``d_sae <= d_in``: ``"gram"``.
+    3. the largest row L0 of ``acts`` is below the number of chosen lengths (e.g. ``"every"``
+       prefix on a wide TopK SAE): ``"sparse"``.
+    4. otherwise ``"blocks"``.
+
+    Step 3 reads the L0 off ``acts`` (one host sync).
+    """
+    if keep is not None:
+        return "gram"
+    if acts.numel() * acts.shape[-1] <= _DENSE_PREFIX_LIMIT or acts.shape[-1] <= x.shape[-1]:
+        return "gram"
+    n_chosen = len(torch.nonzero(weights.sum(0) > 0))
+    if int((acts != 0).sum(-1).max()) < n_chosen:
+        return "sparse"
+    return "blocks"
+
+
+def _check_shapes(
+    x: Tensor, acts: Tensor, W_dec: Tensor, b_dec: Tensor, weights: Tensor,
+    inner_grad_scale: Tensor | None, keep: Tensor | None,
+) -> None:
+    """Raise ValueError unless the arguments of :func:`matryoshka_loss` agree in shape."""
+    if x.ndim != 3 or acts.ndim != 3 or x.shape[:2] != acts.shape[:2]:
+        raise ValueError(
+            f"x [batch, inst, d_in] and acts [batch, inst, d_sae] must share batch and inst, got "
+            f"{tuple(x.shape)} and {tuple(acts.shape)}"
+        )
+    batch, inst, d_sae = acts.shape
+    d_in = x.shape[-1]
+    if W_dec.shape != (inst, d_sae, d_in) or b_dec.shape != (inst, d_in):
+        raise ValueError(
+            f"W_dec must be {(inst, d_sae, d_in)} and b_dec {(inst, d_in)}, got "
+            f"{tuple(W_dec.shape)} and {tuple(b_dec.shape)}"
+        )
+    if weights.shape != (inst, d_sae):
+        raise ValueError(f"weights must be {(inst, d_sae)}, got {tuple(weights.shape)}")
+    if inner_grad_scale is not None and inner_grad_scale.shape != (inst,):
+        raise ValueError(f"inner_grad_scale must be {(inst,)}, got {tuple(inner_grad_scale.shape)}")
+    if keep is not None and keep.shape != acts.shape:
+        raise ValueError(f"keep must have shape {tuple(acts.shape)}, got {tuple(keep.shape)}")
+
+
+def _loop_loss(
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    W_dec: Float[Tensor, "inst d_sae d_in"],
+    b_dec: Float[Tensor, "inst d_in"],
+    weights: Float[Tensor, "inst d_sae"],
+    inner_grad_scale: Float[Tensor, " inst"] | None,
+    keep: Float[Tensor, "batch inst d_sae"] | None,
+) -> Float[Tensor, " inst"]:
+    """The reference: the definition of :func:`matryoshka_loss`, one decode per chosen prefix of
+    every instance. Routing keeps the forward value of the inner part ``I`` and scales its
+    gradient: ``sg(I) + γ (I - sg(I))``."""
+    batch, inst, d_sae = acts.shape
+    prev = previous_prefix(weights)
+    out = []
+    for i in range(inst):
+        gamma = 1.0 if inner_grad_scale is None else inner_grad_scale[i].to(acts.dtype)
+        total = x.new_zeros(())
+        for m in range(1, d_sae + 1):
+            if not weights[i, m - 1] > 0:
+                continue
+            p = int(prev[i, m - 1])
+            inner = acts[:, i, :p] @ W_dec[i, :p]  # [batch, d_in]
+            inner = inner.detach() + gamma * (inner - inner.detach())
+            block = acts[:, i, p:m] @ W_dec[i, p:m]
+            err = (x[:, i] - b_dec[i] - inner - block).pow(2).sum(-1)  # [batch]
+            if keep is not None:
+                err = err * keep[:, i, m - 1].to(err.dtype)
+            total = total + weights[i, m - 1] * err.mean()
+        out.append(total)
+    return torch.stack(out)
+
+
+def _unmasked_loss(
+    method: str,
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    W_dec: Float[Tensor, "inst d_sae d_in"],
+    b_dec: Float[Tensor, "inst d_in"],
+    weights: Float[Tensor, "inst d_sae"],
+) -> Float[Tensor, " inst"]:
+    """The loss of every term by one of the fast methods (no routing)."""
+    if method == "sparse":
+        return _sparse_loss(x, acts, W_dec, b_dec, weights)
+    if method == "gram":
+        errs = _gram_errors(x, acts, W_dec, b_dec).mean(0)  # [inst, d_sae]
+        return (errs * weights).sum(-1)
+    ends = torch.nonzero(weights.sum(0) > 0).flatten() + 1
+    errs = _block_errors(x, acts, W_dec, b_dec, ends).mean(0)  # [inst, n_ends]
+    return (errs * weights[:, ends - 1]).sum(-1)
+
+
+def _masked_loss(
+    method: str,
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    W_dec: Float[Tensor, "inst d_sae d_in"],
+    b_dec: Float[Tensor, "inst d_in"],
+    weights: Float[Tensor, "inst d_sae"],
+    keep: Float[Tensor, "batch inst d_sae"],
+) -> Float[Tensor, " inst"]:
+    """The loss with per-term weights ``keep`` by ``"gram"`` or ``"blocks"`` (no routing)."""
+    if method == "sparse":
+        raise ValueError("method='sparse' cannot weight single (sample, prefix) terms: use 'gram', 'blocks' or 'loop' with keep")
+    if method == "gram":
+        errs = _gram_errors(x, acts, W_dec, b_dec)  # [b, i, s]
+        return ((errs * keep).mean(0) * weights).sum(-1)
+    ends = torch.nonzero(weights.sum(0) > 0).flatten() + 1
+    errs = _block_errors(x, acts, W_dec, b_dec, ends)  # [b, i, n_ends]
+    return ((errs * keep[:, :, ends - 1]).mean(0) * weights[:, ends - 1]).sum(-1)
+
+
+# ---------------------------------------------------------------------- fast paths: dense
+def _block_errors(
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    W_dec: Float[Tensor, "inst d_sae d_in"],
+    b_dec: Float[Tensor, "inst d_in"],
+    ends: Int64[Tensor, " n_ends"],
+) -> Float[Tensor, "batch inst n_ends"]:
+    """Squared error ``||x - acts[:, :m] @ W_dec[:m] - b_dec||²`` for each length ``m`` in ``ends``
+    (sorted, in ``[1, d_sae]``): one decode split into blocks at ``ends``, plus a cumulative sum
+    over the blocks."""
+    bounds = [0] + [int(e) for e in ends]
+    block_out = [
+        torch.einsum("bis,isd->bid", acts[..., s:e], W_dec[:, s:e]) for s, e in zip(bounds[:-1], bounds[1:])
+    ]
+    recon = torch.stack(block_out, dim=2).cumsum(dim=2) + b_dec[None, :, None, :]  # [b, i, K, d]
+    return (x[:, :, None, :] - recon).pow(2).sum(-1)
+
+
+def _gram_errors(
+    x: Float[Tensor, "batch inst d_in"],
+    acts: Float[Tensor, "batch inst d_sae"],
+    W_dec: Float[Tensor, "inst d_sae d_in"],
+    b_dec: Float[Tensor, "inst d_in"],
+) -> Float[Tensor, "batch inst d_sae"]:
+    """Squared error of every prefix at once (column ``m - 1`` ↔ length ``m``), exactly.
+
+    With ``e = x - b_dec``, ``d_j`` the decoder rows and ``G = W_dec W_decᵀ`` their Gram matrix::
+
+        ||e - sum_{j<m} a_j d_j||² = ||e||² - 2 sum_{j<m} a_j <e, d_j>
+                                     + sum_{j<m} a_j (2 sum_{i<=j} a_i G_ij - a_j G_jj)
+
+    so all ``d_sae`` prefix errors come from cumulative sums over latents, at a cost of
+    ``O(batch · d_sae · (d_in + d_sae))`` per instance instead of one decode per prefix.
+    """
+    e = x - b_dec  # [b, i, d]
+    gram = torch.einsum("isd,itd->ist", W_dec, W_dec)  # [i, s, s]
+    proj = torch.einsum("bid,isd->bis", e, W_dec)  # <e, d_j>
+    upper = torch.einsum("bis,ist->bit", acts, gram.triu())  # sum_{i<=j} a_i G_ij
+    diag = gram.diagonal(dim1=-2, dim2=-1)  # [i, s]
+    terms = acts * (2 * upper - acts * diag - 2 * proj)
+    return e.pow(2).sum(-1, keepdim=True) + terms.cumsum(-1)
+
+
+# ---------------------------------------------------------------------- fast paths: routing
+def _routed_errors(
     x: Float[Tensor, "batch inst d_in"],
     acts: Float[Tensor, "batch inst d_sae"],
     W_dec: Float[Tensor, "inst d_sae d_in"],
@@ -395,12 +597,12 @@ def routed_prefix_errors(
     weights: Float[Tensor, "inst d_sae"],
     inner_grad_scale: Float[Tensor, " inst"],
 ) -> Float[Tensor, "batch inst d_sae"]:
-    """Every prefix's squared error (as :func:`every_prefix_errors`), with the gradient that error
+    """Every prefix's squared error (as :func:`_gram_errors`), with the gradient that error
     ``m`` sends into latents ``< prev(m)`` (see :func:`previous_prefix`) multiplied by
     ``inner_grad_scale``; latents ``[prev(m), m)``, ``b_dec`` and ``x`` get the full gradient.
 
-    The values equal :func:`every_prefix_errors`. Cost: one ``[batch, inst, d_sae, d_in]``
-    tensor of per-latent contributions (decodes every prefix explicitly).
+    Cost: one ``[batch, inst, d_sae, d_in]`` tensor of per-latent contributions (decodes every
+    prefix explicitly); used only where ``keep`` drops terms of a routed instance.
     """
     batch, inst, d_sae = acts.shape
     contrib = acts[..., None] * W_dec[None]  # [batch, inst, d_sae, d_in]
@@ -412,40 +614,6 @@ def routed_prefix_errors(
     # forward: full; backward through the inner part scaled by inner_grad_scale
     recon = full - (1 - scale) * (inner - inner.detach())
     return ((x - b_dec)[:, :, None, :] - recon).pow(2).sum(-1)
-
-
-def prefix_term_errors(
-    x: Float[Tensor, "batch inst d_in"],
-    acts: Float[Tensor, "batch inst d_sae"],
-    W_dec: Float[Tensor, "inst d_sae d_in"],
-    b_dec: Float[Tensor, "inst d_in"],
-    weights: Float[Tensor, "inst d_sae"],
-    inner_grad_scale: Float[Tensor, " inst"] | None = None,
-) -> Float[Tensor, "batch inst d_sae"]:
-    """Per-sample squared error of every prefix; instances with ``inner_grad_scale != 1`` use
-    :func:`routed_prefix_errors`, the others :func:`every_prefix_errors`."""
-    if inner_grad_scale is None or bool((inner_grad_scale == 1).all()):
-        return every_prefix_errors(x, acts, W_dec, b_dec)
-    routed = (inner_grad_scale != 1).nonzero().flatten()
-    plain = (inner_grad_scale == 1).nonzero().flatten()
-    out = x.new_zeros(acts.shape)
-    parts = [
-        (routed, routed_prefix_errors(x[:, routed], acts[:, routed], W_dec[routed], b_dec[routed],
-                                      weights[routed], inner_grad_scale[routed])),
-    ]
-    if len(plain):
-        parts.append((plain, every_prefix_errors(x[:, plain], acts[:, plain], W_dec[plain], b_dec[plain])))
-    for idx, errs in parts:
-        out = out.index_copy(1, idx, errs)
-    return out
-
-
-def _home_prefix(weights: Float[Tensor, "inst d_sae"]) -> Int[Tensor, "inst d_sae"]:
-    """Column of the smallest chosen prefix that contains each latent (its block)."""
-    d_sae = weights.shape[-1]
-    cols = torch.arange(d_sae, device=weights.device).expand_as(weights)
-    chosen_col = torch.where(weights > 0, cols, torch.full_like(cols, d_sae))
-    return chosen_col.flip(-1).cummin(-1).values.flip(-1).clamp_max(d_sae - 1)
 
 
 def _block_only_surrogate(
@@ -471,7 +639,7 @@ def _block_only_surrogate(
     """
     home = _home_prefix(weights)  # [i, s]
     w_home = weights.gather(-1, home)  # [i, s]
-    tail = weights.flip(-1).cumsum(-1).flip(-1)  # [i, s]
+    tail = _tail_weights(weights)  # [i, s]
     e = x - b_dec  # [b, i, d]
     W_sg = W_dec.detach()
     a_sg = acts.detach()
@@ -490,196 +658,130 @@ def _block_only_surrogate(
     return (total * e_t.pow(2).sum(-1) + linear + quad).mean(1)
 
 
-def matryoshka_variant_loss(
+# ---------------------------------------------------------------------- fast path: sparse
+def _active_latents(
+    acts: Float[Tensor, "batch inst d_sae"],
+) -> tuple[Int64[Tensor, "batch inst n_active"], Float[Tensor, "batch inst n_active"]]:
+    """Positions and values of the nonzero activations of every ``(sample, instance)`` row.
+
+    ``n_active`` is the largest number of nonzeros in any row; shorter rows are padded with
+    position 0 and value exactly 0 (not connected to ``acts`` in the autograd graph). Values are
+    differentiable with respect to ``acts``. Positions within a row are ascending.
+
+    Raises ValueError if ``acts`` is not 3-dimensional.
+    """
+    if acts.ndim != 3:
+        raise ValueError(f"acts must be [batch, inst, d_sae], got shape {tuple(acts.shape)}")
+    batch, inst, d_sae = acts.shape
+    flat = acts.reshape(batch * inst, d_sae)  # [rows, d_sae]
+    row, col = (flat.detach() != 0).nonzero(as_tuple=True)  # row-major, so col ascends per row
+    counts = torch.bincount(row, minlength=batch * inst)
+    n_active = int(counts.max()) if counts.numel() else 0
+    slot = torch.arange(len(row), device=acts.device) - (counts.cumsum(0) - counts)[row]  # rank within its row
+    idx = torch.zeros(batch * inst, n_active, dtype=torch.long, device=acts.device)
+    idx[row, slot] = col
+    vals = flat.new_zeros(batch * inst, n_active).index_put((row, slot), flat[row, col])
+    return idx.view(batch, inst, n_active), vals.view(batch, inst, n_active)
+
+
+# rows of U gathered at once: about 2**20 floats (4 MB), so each chunk stays in cache
+_CHUNK_ELEMENTS = 2**20
+
+
+class _GatheredGram(torch.autograd.Function):
+    """``G[r] = U_r U_rᵀ`` with ``U_r = table[index[r]]``, computed chunk by chunk.
+
+    Gathering all rows at once would materialise ``[rows, n, d]`` (and its gradient), which is
+    slower than the arithmetic on CPU; chunks keep both in cache. Backward recomputes each chunk
+    and scatters ``(dG + dGᵀ) U`` into the table with ``index_add_`` (deterministic on CPU).
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(table, index)
+        rows, n = index.shape
+        ctx.chunk = chunk = max(1, _CHUNK_ELEMENTS // (n * table.shape[1]))
+        gram = table.new_empty(rows, n, n)
+        for start in range(0, rows, chunk):
+            idx = index[start : start + chunk]
+            U = table.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # [chunk, n, d]
+            torch.bmm(U, U.transpose(1, 2), out=gram[start : start + chunk])
+        return gram
+
+    @staticmethod
+    def backward(ctx, d_gram: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        table, index = ctx.saved_tensors
+        d_table = torch.zeros_like(table)
+        for start in range(0, index.shape[0], ctx.chunk):
+            idx = index[start : start + ctx.chunk]
+            g = d_gram[start : start + ctx.chunk]
+            U = table.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+            d_U = torch.bmm(g + g.transpose(1, 2), U)  # [chunk, n, d]
+            d_table.index_add_(0, idx.reshape(-1), d_U.reshape(-1, table.shape[1]))
+        return d_table, None
+
+
+def _sparse_loss(
     x: Float[Tensor, "batch inst d_in"],
     acts: Float[Tensor, "batch inst d_sae"],
     W_dec: Float[Tensor, "inst d_sae d_in"],
     b_dec: Float[Tensor, "inst d_in"],
     weights: Float[Tensor, "inst d_sae"],
-    inner_grad_scale: Float[Tensor, " inst"] | None = None,
-    keep: Float[Tensor, "batch inst d_sae"] | None = None,
 ) -> Float[Tensor, " inst"]:
-    """:func:`matryoshka_recon_loss` with gradient routing and per-term masks.
+    """Per instance, ``mean_batch sum_m w_m ||x - acts[..., :m] @ W_dec[:m] - b_dec||²``, exactly,
+    at a cost set by the active latents only (``method="sparse"`` of :func:`matryoshka_loss`).
 
-    ``sum_m w_m mean_batch(keep[b, m] * err[b, m])``: ``keep`` (1 keeps, 0 drops a
-    ``(sample, prefix)`` term; the batch mean still divides by the full batch) defaults to all
-    ones; ``inner_grad_scale`` ``γ`` as in :func:`routed_prefix_errors`. The value never depends
-    on ``γ``. With both left at their defaults this is :func:`matryoshka_recon_loss`.
+    Why it is cheap. Write ``e = x - b_dec``, ``u_j`` for decoder row ``j``, ``a_j`` for its
+    activation and ``T_j`` for its tail weight (:func:`_tail_weights`). Expanding every prefix's
+    squared error and collecting terms::
 
-    Without ``keep``, routed instances use ``γ·L + (1 - γ)·L_block`` where ``L_block`` has the
-    gradient of the stop-gradient loss (see ``_block_only_surrogate``) and the value of ``L``;
-    with ``keep``, per-term errors come from :func:`prefix_term_errors`.
+        sum_m w_m ||e - sum_{j < m} a_j u_j||²
+            = W ||e||² - 2 sum_j T_j a_j <e, u_j> + sum_{j,k} min(T_j, T_k) a_j a_k <u_j, u_k>
 
-    Raises ValueError if ``keep`` is not ``[batch, inst, d_sae]``.
+    with ``W = sum_m w_m`` (a pair of latents shares exactly the prefixes that contain the later
+    one, whose tail weight is the smaller). Only latents with ``a_j != 0`` appear, in any order.
+    Adding ``e`` as an extra row ``u_* = e`` with coefficient ``a_* = -1`` and tail weight ``W``
+    turns the whole sum into one quadratic form ``a'ᵀ (M ∘ U Uᵀ) a'`` over the ``n_active + 1``
+    rows, with ``M_jk = min(T'_j, T'_k)``: ``O(batch · inst · n_active · (n_active + d_in))`` time
+    and ``O(batch · inst · n_active · d_in)`` memory, where ``n_active`` is the largest row L0 of
+    ``acts``: cheap for TopK / BatchTopK and trained ReLU SAEs, costly for a dense ReLU SAE early in
+    training.
+
+    Gradients are exact with respect to ``x``, ``b_dec``, ``W_dec`` and the *nonzero* activations;
+    the gradient with respect to a zero activation is reported as 0. ReLU, TopK and BatchTopK pass
+    no gradient through a zero activation, so gradients reaching the encoder are exact for them (an
+    activation whose backward uses the gradient at inactive latents, such as JumpReLU's threshold
+    estimator, would need ``method="gram"``).
+
+    Raises ValueError on negative weights (shapes are checked by :func:`matryoshka_loss`).
+    Source: the every-prefix Matryoshka loss wished for in seed 000 (block size 1).
     """
-    routed = None if inner_grad_scale is None else (inner_grad_scale != 1).nonzero().flatten()
-    if keep is None:
-        loss = matryoshka_recon_loss(x, acts, W_dec, b_dec, weights)  # [inst]
-        if routed is None or len(routed) == 0:
-            return loss
-        r = routed
-        gamma = inner_grad_scale[r].to(loss)
-        sur = _block_only_surrogate(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r])
-        routed_loss = gamma * loss[r] + (1 - gamma) * (loss[r].detach() + sur - sur.detach())
-        return loss.index_copy(0, r, routed_loss)
-    if keep.shape != acts.shape:
-        raise ValueError(f"keep must have shape {tuple(acts.shape)}, got {tuple(keep.shape)}")
-    keep = keep.to(acts.dtype)
-    errs = every_prefix_errors(x, acts, W_dec, b_dec)  # [b, i, s]
-    loss = ((errs * keep).mean(0) * weights).sum(-1)  # [inst]
-    if routed is None or len(routed) == 0:
-        return loss
-    # routed instances that drop no term take the cheap surrogate, the others the dense errors
-    whole = keep[:, routed].eq(1).all(dim=2).all(dim=0)
-    r = routed[whole]
-    if len(r):
-        gamma = inner_grad_scale[r].to(loss)
-        sur = _block_only_surrogate(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r])
-        loss = loss.index_copy(0, r, gamma * loss[r] + (1 - gamma) * (loss[r].detach() + sur - sur.detach()))
-    r = routed[~whole]
-    if len(r):
-        dense = routed_prefix_errors(x[:, r], acts[:, r], W_dec[r], b_dec[r], weights[r], inner_grad_scale[r])
-        loss = loss.index_copy(0, r, ((dense * keep[:, r]).mean(0) * weights[r]).sum(-1))
-    return loss
+    batch, inst, d_sae = acts.shape
+    d_in = x.shape[-1]
+    weights = weights.to(W_dec.dtype)
+    if (weights < 0).any():
+        raise ValueError(f"prefix weights must be >= 0, got minimum {weights.min().item()}")
 
+    rows = batch * inst
+    idx, vals = _active_latents(acts)  # [batch, inst, L]
+    n_active = idx.shape[-1]
+    tail = _tail_weights(weights)  # T_j = sum_{m > j} w_m, [inst, d_sae]
+    total = tail[:, 0]  # W = sum_m w_m, [inst]
 
-# ---------------------------------------------------------------------- parent-in / child-out terms
-def parent_child_split_terms(
-    coeffs: Float[Tensor, "batch n_feat"],
-    parent_index: Int[Tensor, " n_feat"],
-    latent_of_feature: Int[Tensor, "inst n_feat"],
-    d_sae: int,
-) -> Bool[Tensor, "batch inst d_sae"]:
-    """Which ``(sample, prefix length)`` terms hold a parent latent but not an active child's.
+    # One table holds every decoder row and every centred input; row r of the quadratic form
+    # gathers e (coefficient -1, tail weight W) followed by the active decoder rows.
+    e = (x - b_dec).reshape(rows, d_in)  # [rows, d_in]
+    table = torch.cat([W_dec.reshape(inst * d_sae, d_in), e])  # [inst*d_sae + rows, d_in]
+    inst_offset = (torch.arange(inst, device=acts.device) * d_sae).view(1, inst, 1)
+    lat_rows = (idx + inst_offset).reshape(rows, n_active)
+    e_rows = torch.arange(inst * d_sae, inst * d_sae + rows, device=acts.device).unsqueeze(1)
+    index = torch.cat([e_rows, lat_rows], 1)  # [rows, L+1] rows of the table
 
-    Term ``(b, m)`` (column ``m - 1``) of instance ``i`` is marked when some feature ``c`` with
-    parent ``p`` has ``coeffs[b, c] > 0`` and ``coeffs[b, p] > 0`` (child and parent both
-    active), and ``latent_of_feature[i, p] < m <= latent_of_feature[i, c]``: the prefix contains
-    the parent's latent but not the child's. These are the loss terms of Nabeshima's hypothesis
-    for the residual mixing (seed 000). A latent index of -1 means "no latent": pairs involving
-    it are never marked.
-
-    Raises ValueError on mismatched shapes.
-    """
-    batch, n_feat = coeffs.shape
-    if parent_index.shape != (n_feat,) or latent_of_feature.ndim != 2 or latent_of_feature.shape[1] != n_feat:
-        raise ValueError(
-            f"coeffs {tuple(coeffs.shape)}, parent_index {tuple(parent_index.shape)} and "
-            f"latent_of_feature {tuple(latent_of_feature.shape)} disagree on n_feat={n_feat}"
-        )
-    inst = latent_of_feature.shape[0]
-    child = (parent_index >= 0).nonzero().flatten()  # [n_pairs]
-    parent = parent_index[child]
-    out = torch.zeros(batch, inst, d_sae, dtype=torch.bool, device=coeffs.device)
-    if len(child) == 0:
-        return out
-    both = (coeffs[:, child] > 0) & (coeffs[:, parent] > 0)  # [batch, n_pairs]
-    lp, lc = latent_of_feature[:, parent], latent_of_feature[:, child]  # [inst, n_pairs]
-    cols = torch.arange(d_sae, device=coeffs.device)  # column k <-> length k + 1: marked iff lp <= k < lc
-    span = (lp[..., None] <= cols) & (cols < lc[..., None]) & (lp[..., None] >= 0) & (lc[..., None] >= 0)
-    # [inst, n_pairs, d_sae]; a term is marked if any active pair spans it
-    hits = torch.einsum("bp,ips->bis", both.float(), span.float())
-    return hits > 0
-
-
-class SplitTermMask:
-    """A ``term_mask`` for :func:`saelib.train.train_sae` that drops the parent-in / child-out
-    terms of :func:`parent_child_split_terms` (keep = 0) and keeps every other term (keep = 1).
-
-    The active features of a sample are decoded from ``x`` by least squares against the
-    hierarchy's feature directions, exact when they are linearly independent (``d >= n``).
-
-    Args:
-        hierarchy: the toy hierarchy the data comes from.
-        latent_of_feature: ``[inst, n_feat]`` long, the latent that represents each feature in
-            each instance (e.g. the Hungarian match, or the order of a truth initialisation).
-        instances: ``[inst]`` bool, the instances whose terms are dropped (default: all).
-        d_sae: number of latents.
-
-    Raises ValueError if the feature directions are linearly dependent or shapes disagree.
-    """
-
-    def __init__(
-        self,
-        hierarchy: ToyHierarchy,
-        latent_of_feature: Int[Tensor, "inst n_feat"],
-        d_sae: int,
-        instances: Bool[Tensor, " inst"] | None = None,
-    ):
-        feats = hierarchy.features.double()  # [n_feat, d]
-        if torch.linalg.matrix_rank(feats) < hierarchy.n_features:
-            raise ValueError(
-                f"SplitTermMask needs linearly independent features, got {hierarchy.n_features} "
-                f"features in d={hierarchy.d}"
-            )
-        if latent_of_feature.shape[1] != hierarchy.n_features:
-            raise ValueError(
-                f"latent_of_feature must be [inst, {hierarchy.n_features}], got {tuple(latent_of_feature.shape)}"
-            )
-        self.decode = torch.linalg.pinv(feats).float()  # [d, n_feat]: x @ decode = coeffs
-        self.parent_index = hierarchy.parent_index
-        self.latent_of_feature = latent_of_feature.long()
-        n_inst = latent_of_feature.shape[0]
-        self.instances = torch.ones(n_inst, dtype=torch.bool) if instances is None else instances.bool()
-        if self.instances.shape != (n_inst,):
-            raise ValueError(f"instances must be [{n_inst}] bool, got {tuple(self.instances.shape)}")
-        self.d_sae = d_sae
-
-    def coefficients(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch n_feat"]:
-        """Feature coefficients decoded from inputs (values below 1e-3 are set to 0)."""
-        c = x @ self.decode.to(x)
-        return torch.where(c.abs() > 1e-3, c, torch.zeros_like(c))
-
-    def __call__(self, x: Float[Tensor, "batch d"]) -> Float[Tensor, "batch inst d_sae"]:
-        if x.ndim != 2:
-            raise ValueError(f"SplitTermMask expects x of shape [batch, d] (shared by instances), got {tuple(x.shape)}")
-        idx = self.instances.nonzero().flatten()
-        keep = x.new_ones(x.shape[0], len(self.instances), self.d_sae)
-        if len(idx):
-            split = parent_child_split_terms(
-                self.coefficients(x), self.parent_index.to(x.device), self.latent_of_feature[idx].to(x.device), self.d_sae
-            )
-            keep[:, idx] = (~split).to(keep.dtype)
-        return keep
-
-
-def prefix_term_gradient(
-    sae: Any,
-    x: Float[Tensor, "batch d_in"] | Float[Tensor, "batch inst d_in"],
-    weights: Float[Tensor, "inst d_sae"],
-    terms: Float[Tensor, "batch inst d_sae"],
-    latent: Int[Tensor, " inst"],
-    directions: Float[Tensor, "inst n_dir d_in"] | Float[Tensor, "n_dir d_in"],
-) -> Float[Tensor, "inst n_dir"]:
-    """Component of the descent step that chosen loss terms give one decoder row, along given
-    directions.
-
-    With ``L = sum_m w_m mean_batch(terms[b, m] * err[b, m])`` (the Matryoshka reconstruction loss
-    restricted to the selected ``(sample, prefix)`` terms; ``terms`` may be 0/1 or weights), returns
-    ``-dL/dW_dec[i, latent[i]] · d̂`` for every unit direction ``d̂`` of ``directions`` (shared, or
-    one set per instance). Positive means these terms pull the decoder row toward the direction.
-    Reconstruction only (no sparsity penalty). Parameters are not changed.
-
-    Used for Nabeshima's hypothesis (seed 000): with ``terms`` from
-    :func:`parent_child_split_terms`, ``latent`` the parent latents and ``directions`` the child
-    features, a positive value is the push of the parent decoder toward its children.
-
-    Raises ValueError on mismatched shapes.
-    """
-    n_inst = sae.n_inst
-    if latent.shape != (n_inst,):
-        raise ValueError(f"latent must be [{n_inst}] long, got {tuple(latent.shape)}")
-    dirs = directions.expand(n_inst, *directions.shape) if directions.ndim == 2 else directions
-    if dirs.shape[0] != n_inst or dirs.shape[-1] != sae.d_out:
-        raise ValueError(f"directions must be [n_dir, {sae.d_out}] or [{n_inst}, n_dir, {sae.d_out}], got {tuple(directions.shape)}")
-    with torch.enable_grad():
-        x_in = sae._as_instances(x)
-        x_hat, acts = sae(x_in)
-        errs = every_prefix_errors(x_in, acts, sae.W_dec, sae.b_dec)  # [b, i, s]
-        if terms.shape != errs.shape:
-            raise ValueError(f"terms must have shape {tuple(errs.shape)}, got {tuple(terms.shape)}")
-        loss = ((errs * terms.to(errs.dtype)).mean(0) * weights).sum()
-        (grad,) = torch.autograd.grad(loss, sae.W_dec)
-    row = grad[torch.arange(n_inst, device=grad.device), latent.to(grad.device)]  # [inst, d_in]
-    unit = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return -torch.einsum("id,ind->in", row, unit)
+    coef = torch.cat([-vals.new_ones(rows, 1), vals.reshape(rows, n_active)], 1)  # [rows, L+1]
+    T = torch.cat(
+        [total.repeat(batch).unsqueeze(1), tail.reshape(-1)[lat_rows]], 1
+    )  # [rows, L+1], row r belongs to instance r % inst
+    M = torch.minimum(T.unsqueeze(2), T.unsqueeze(1))  # [rows, L+1, L+1]
+    gram = _GatheredGram.apply(table, index)  # [rows, L+1, L+1] inner products
+    per_row = ((coef.unsqueeze(2) * coef.unsqueeze(1)) * M * gram).sum((-1, -2))  # [rows]
+    return per_row.view(batch, inst).mean(0)

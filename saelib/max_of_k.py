@@ -22,6 +22,7 @@ Shapes: ``tokens [n, n_ctx]`` (long), ``resid [n, d_model]``, ``acts [n, d_sae]`
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -50,6 +51,11 @@ __all__ = [
     "variance_explained",
     "summarize_labels",
     "plot_max_histograms",
+    "NestingViolation",
+    "SplitNesting",
+    "split_nesting",
+    "MaximaCoverage",
+    "maxima_coverage",
 ]
 
 Distribution = Literal["uniform", "uniform_max"]
@@ -458,3 +464,223 @@ def plot_max_histograms(hists: dict[str, Float[Tensor, "d_sae d_vocab"]], title:
     if title:
         fig.suptitle(title)
     return fig
+
+
+# ---------------------------------------------------------------------------- nesting of the split tree
+Node = tuple[int, int]  # (level, latent), as in saelib.feature_trees
+
+
+@dataclass(frozen=True)
+class NestingViolation:
+    """A parent -> child link whose child leaves its parent's range of maxima.
+
+    Attributes:
+        parent, child: the ``(level, latent)`` nodes.
+        parent_range, child_range: ``(lo, hi)`` shortest ranges of maxima holding ``range_mass``
+            of each latent's activation mass (:func:`max_range`).
+        inside_mass: the child's activation mass on maxima inside ``parent_range`` (0 to 1).
+        mass_below, mass_above: its mass on maxima below ``lo`` / above ``hi`` of the parent range.
+        child_mean: the child's activation-weighted mean maximum.
+        distance: how far ``child_mean`` lies outside the parent range, in maxima (0 if inside).
+        side: ``"below"`` or ``"above"``, where most of the outside mass is.
+    """
+
+    parent: Node
+    child: Node
+    parent_range: tuple[int, int]
+    child_range: tuple[int, int]
+    inside_mass: float
+    mass_below: float
+    mass_above: float
+    child_mean: float
+    distance: float
+    side: str
+
+    def describe(self) -> str:
+        """e.g. ``"0/3 (max 0-18) -> 3/17 (max 29-30): 0.91 of its mass above, mean max 29.4"``."""
+        (pl, pi), (cl, ci) = self.parent, self.child
+        rng = lambda r: f"max {r[0]}" if r[0] == r[1] else f"max {r[0]}-{r[1]}"
+        outside = self.mass_below if self.side == "below" else self.mass_above
+        return (f"{pl}/{pi} ({rng(self.parent_range)}) -> {cl}/{ci} ({rng(self.child_range)}): "
+                f"{outside:.2f} of its mass {self.side}, mean max {self.child_mean:.1f}")
+
+
+@dataclass
+class SplitNesting:
+    """Whether the split tree across widths is nested (see :func:`split_nesting`).
+
+    Per link (``n_links``, in sorted order of ``links``): ``parent_range`` / ``child_range``
+    ``[n_links, 2]`` (long, maxima), ``inside_mass`` / ``mass_below`` / ``mass_above`` /
+    ``child_mean`` ``[n_links]`` (float64; masses are fractions of the child's activation mass),
+    ``nested`` ``[n_links]`` (bool: ``inside_mass >= nested_mass``) and ``range_nested``
+    ``[n_links]`` (bool: the child's range lies inside the parent's). ``fraction_nested`` and
+    ``fraction_range_nested`` are their means (NaN without links); ``by_level`` maps each parent
+    level to the fraction of its links that are nested; ``violations`` lists the links that are
+    not nested, largest outside mass first.
+    """
+
+    links: list[tuple[Node, Node]]
+    parent_range: Tensor
+    child_range: Tensor
+    inside_mass: Tensor
+    mass_below: Tensor
+    mass_above: Tensor
+    child_mean: Tensor
+    nested: Tensor
+    range_nested: Tensor
+    fraction_nested: float
+    fraction_range_nested: float
+    by_level: dict[int, float]
+    violations: list[NestingViolation]
+    range_mass: float
+    nested_mass: float
+
+    @property
+    def n_links(self) -> int:
+        return len(self.links)
+
+
+def split_nesting(
+    links: Any,
+    hists: Sequence[Float[Tensor, "d_sae n_values"]],
+    range_mass: float = 0.8,
+    nested_mass: float | None = None,
+) -> SplitNesting:
+    """Is the split tree nested: does every child's activation mass over the sequence maximum lie
+    inside its parent's range of maxima?
+
+    For each link parent ``(l, i)`` -> child ``(m, j)``: the parent's range ``[lo, hi]`` is the
+    shortest range of maxima holding ``range_mass`` of its activation mass (:func:`max_range`, as
+    :func:`label_latents` uses for ``max_lo`` / ``max_hi``); the child's ``inside_mass`` is its
+    activation mass on maxima in ``[lo, hi]``. The link is **nested** when
+    ``inside_mass >= nested_mass`` (default ``range_mass``: the child keeps at least as much of its
+    mass inside the parent's range as the parent itself does, so a child that copies its parent is
+    nested and one dedicated to a maximum inside the range is too). ``range_nested`` is the
+    stricter set test: the child's own ``range_mass`` range lies inside the parent's. This is the
+    nesting Gross's splitting picture implies (seed thread 001: a width-``d_vocab`` latent per
+    maximum splitting further by secondary variables; a coarse latent's children refine its
+    maxima); the criterion and its thresholds are this project's choice.
+
+    Args:
+        links: the parent -> child links: a graph whose nodes are ``(level, latent)`` (e.g.
+            :func:`saelib.feature_trees.build_feature_dag` or its
+            :func:`~saelib.feature_trees.best_parent_tree`; its ``edges()`` are used), or an
+            iterable of ``(parent, child)`` node pairs.
+        hists: per level, ``[d_sae_level, n_values]`` activation histograms over the maximum
+            (:func:`activation_histogram` of that SAE's activations and
+            ``ground_truth(tokens)["max"]``); rows sum to 1 for alive latents.
+        range_mass: mass of the parent's range, in ``(0, 1]`` (``label_latents``'s default 0.8).
+        nested_mass: inside mass a nested child needs, in ``(0, 1]``; default ``range_mass``.
+
+    Returns a :class:`SplitNesting`.
+
+    Raises ValueError for a ``range_mass`` / ``nested_mass`` outside ``(0, 1]``, histograms that
+    are not 2-D or disagree on ``n_values``, a link whose level or latent has no histogram row, or
+    a linked latent whose histogram row is all zero (a dead latent cannot be a parent or child).
+    """
+    if not (0 < range_mass <= 1):
+        raise ValueError(f"range_mass must be in (0, 1], got {range_mass!r}")
+    nested_mass = range_mass if nested_mass is None else nested_mass
+    if not (0 < nested_mass <= 1):
+        raise ValueError(f"nested_mass must be in (0, 1], got {nested_mass!r}")
+    hs = [h.detach().double() for h in hists]
+    if any(h.ndim != 2 for h in hs) or len({h.shape[1] for h in hs}) > 1:
+        raise ValueError(f"hists must be [d_sae, n_values] with one n_values, got {[tuple(h.shape) for h in hs]}")
+    pairs = sorted((tuple(a), tuple(b)) for a, b in (links.edges() if hasattr(links, "edges") else links))
+    n_values = hs[0].shape[1] if hs else 0
+    values = torch.arange(n_values, dtype=torch.float64)
+    ranges = [max_range(h, range_mass) for h in hs]  # per level [d_sae, 2]
+
+    def row(node: Node) -> Tensor:
+        level, j = node
+        if not (0 <= level < len(hs)) or not (0 <= j < hs[level].shape[0]):
+            raise ValueError(f"link node {node} has no histogram row ({len(hs)} levels)")
+        if hs[level][j].sum() <= 0:
+            raise ValueError(f"link node {node} is a dead latent (all-zero histogram row)")
+        return hs[level][j]
+
+    p_rng, c_rng, inside, below, above, mean = [], [], [], [], [], []
+    for parent, child in pairs:
+        row(parent)
+        h = row(child) / row(child).sum()  # [n_values]
+        lo, hi = ranges[parent[0]][parent[1]].tolist()
+        p_rng.append((lo, hi))
+        c_rng.append(tuple(ranges[child[0]][child[1]].tolist()))
+        inside.append(float(h[lo:hi + 1].sum()))
+        below.append(float(h[:lo].sum()))
+        above.append(float(h[hi + 1:].sum()))
+        mean.append(float(h @ values))
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)
+    parent_range = torch.tensor(p_rng, dtype=torch.long).reshape(-1, 2)
+    child_range = torch.tensor(c_rng, dtype=torch.long).reshape(-1, 2)
+    inside_t = t(inside)
+    nested = inside_t >= nested_mass - 1e-9
+    range_nested = (child_range[:, 0] >= parent_range[:, 0]) & (child_range[:, 1] <= parent_range[:, 1])
+    frac = lambda b: float(b.double().mean()) if len(b) else float("nan")
+    levels = sorted({p[0] for p, _ in pairs})
+    by_level = {lv: frac(nested[[p[0] == lv for p, _ in pairs]]) for lv in levels}
+    violations = []
+    for k in torch.nonzero(~nested).flatten().tolist():
+        lo, hi = p_rng[k]
+        side = "below" if below[k] > above[k] else "above"
+        distance = max(lo - mean[k], mean[k] - hi, 0.0)
+        violations.append(NestingViolation(pairs[k][0], pairs[k][1], p_rng[k], c_rng[k], inside[k], below[k],
+                                           above[k], mean[k], distance, side))
+    violations.sort(key=lambda v: (v.inside_mass, v.parent, v.child))
+    return SplitNesting(
+        links=pairs, parent_range=parent_range, child_range=child_range, inside_mass=inside_t,
+        mass_below=t(below), mass_above=t(above), child_mean=t(mean), nested=nested, range_nested=range_nested,
+        fraction_nested=frac(nested), fraction_range_nested=frac(range_nested), by_level=by_level,
+        violations=violations, range_mass=range_mass, nested_mass=nested_mass,
+    )
+
+
+@dataclass
+class MaximaCoverage:
+    """Which sequence maxima have a latent dedicated to them (see :func:`maxima_coverage`).
+
+    Attributes:
+        dedicated: ``[n_values]`` long, dedicated latents per maximum.
+        covered: maxima with at least one dedicated latent.
+        exactly_one: maxima with exactly one (Gross's "one feature for each sequence maximum").
+        uncovered: the maxima without one, ascending.
+        n_values: number of maxima (``d_vocab``).
+        fraction: ``covered / n_values``.
+        purity: the purity threshold used.
+    """
+
+    dedicated: Tensor
+    covered: int
+    exactly_one: int
+    uncovered: list[int]
+    n_values: int
+    fraction: float
+    purity: float
+
+
+def maxima_coverage(labels: LatentLabels, d_vocab: int, purity: float = 0.5) -> MaximaCoverage:
+    """Coverage of the ``d_vocab`` sequence maxima by dedicated latents.
+
+    A latent is dedicated to maximum ``m`` when it is alive, ``max_top == m`` and
+    ``max_purity > purity`` (more than ``purity`` of its activation mass on ``m``; notebook 05's
+    ``PURITY``), as in :func:`summarize_labels`, whose ``maxima_covered`` equals ``covered``.
+    Gross (seed thread 001) predicts that an SAE of width ``d_vocab`` "should find one feature for
+    each sequence maximum (roughly)": ``covered == exactly_one == d_vocab``.
+
+    Raises ValueError unless ``0 <= purity < 1`` and ``d_vocab >= 1``, or if a dedicated latent's
+    maximum is outside ``[0, d_vocab)``.
+    """
+    if not (0 <= purity < 1):
+        raise ValueError(f"purity must be in [0, 1), got {purity!r}")
+    if not isinstance(d_vocab, int) or d_vocab < 1:
+        raise ValueError(f"d_vocab must be an int >= 1, got {d_vocab!r}")
+    tops = labels.max_top[labels.alive & (labels.max_purity > purity)]
+    if len(tops) and (tops.min() < 0 or tops.max() >= d_vocab):
+        raise ValueError(f"dedicated latents' maxima must lie in [0, {d_vocab}), got {tops.tolist()}")
+    dedicated = torch.bincount(tops, minlength=d_vocab)
+    covered = int((dedicated > 0).sum())
+    return MaximaCoverage(
+        dedicated=dedicated, covered=covered, exactly_one=int((dedicated == 1).sum()),
+        uncovered=torch.nonzero(dedicated == 0).flatten().tolist(), n_values=d_vocab,
+        fraction=covered / d_vocab, purity=purity,
+    )

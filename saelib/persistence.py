@@ -25,8 +25,8 @@ SAELens computes ``ReLU((x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc)`` as 
 Saved with a saelib-only architecture name (``"saelib_<architecture>"``), which :func:`load_sae`
 reads and SAELens cannot: a TopK transcoder (SAELens 6.54 has no TopK transcoder), and a BatchTopK
 SAE with no threshold yet (never trained, NaN) or a negative one. ``sae_lens.SAE.load_from_disk``
-stops on such a folder with a bare KeyError on the architecture name; :func:`load_sae_lens` opens
-every other folder in SAELens and refuses these two with a message that says why.
+stops on such a folder with a bare KeyError on the architecture name; :func:`sae_lens_folder` checks a
+folder first and refuses these two with a message that says why.
 
 Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so
 a failed write never leaves a half-written file behind; a process killed mid-write can leave its
@@ -55,7 +55,7 @@ from torch import Tensor
 
 from .sae import SAE, SAEConfig, dtype_name
 
-__all__ = ["save_sae", "save_instances", "load_sae", "load_sae_lens", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"
@@ -481,20 +481,20 @@ _SAELENS_REFUSALS = {
 }
 
 
-def load_sae_lens(path: str | Path) -> Any:
-    """Open a folder written by :func:`save_sae` (or by SAELens) with ``sae_lens.SAE.load_from_disk``.
+def sae_lens_folder(path: str | Path) -> str:
+    """Check that SAELens can open a folder written by :func:`save_sae`, and return it as the
+    string ``sae_lens.SAE.load_from_disk`` takes: ``sae_lens.SAE.load_from_disk(sae_lens_folder(f))``.
 
-    Same as calling SAELens directly, except for the two saelib-only kinds (see the module
-    docstring), for which SAELens itself raises a bare ``KeyError``. Returns the SAELens SAE (on
-    CPU, float32). It reads the hook's activations as they were fed to training: multiply them by
-    ``cfg.json``'s ``saelib_training.input_scale`` where one is stored.
+    SAELens itself stops on the two saelib-only kinds (see the module docstring) with a bare
+    ``KeyError`` on the architecture name; this says why. saelib does not import SAELens (it is in
+    the ``notebooks`` extra). The SAELens SAE reads the hook's activations as they were fed to
+    training: multiply them by ``cfg.json``'s ``saelib_training.input_scale`` where one is stored.
 
     Raises:
         FileNotFoundError: the folder or its ``cfg.json`` is missing.
         ValueError: the folder holds a TopK transcoder or a BatchTopK SAE without a threshold
             (the message says why SAELens cannot represent it and points to :func:`load_sae`), or
             ``cfg.json`` is not valid JSON.
-        ImportError: ``sae_lens`` is not installed (it is in the ``notebooks`` extra).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -507,13 +507,13 @@ def load_sae_lens(path: str | Path) -> Any:
             + reason.format(version=SAELENS_FORMAT_VERSION)
             + "; open it with saelib.persistence.load_sae"
         )
-    import sae_lens  # optional dependency, imported only here
-
-    return sae_lens.SAE.load_from_disk(str(folder), device="cpu")
+    return str(folder)
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache
-_TRAINING_SOURCES = ("sae.py", "train.py", "penalties.py", "matryoshka.py", "every_prefix.py", "distributed.py")
+_TRAINING_SOURCES = (
+    "sae.py", "train.py", "train_parts.py", "penalties.py", "matryoshka.py", "matryoshka_probes.py", "distributed.py"
+)
 
 
 def _training_code_fingerprint() -> str:

@@ -229,6 +229,22 @@ class ToyHierarchy:
         """Analytic E[number of active features per sample] = sum of unconditional firing probs."""
         return float(self.firing_prob.sum())
 
+    def input_scale(self, n: int = 200_000, seed: int = 0) -> float:
+        """Nabeshima's input normalisation as one constant: ``sqrt(d) / E||x||``, with ``E||x||``
+        the mean norm of ``n`` samples drawn with ``seed`` (samples with no active feature count,
+        with norm 0). Multiplying inputs by it gives them a mean norm of ``sqrt(d)``, the fixed
+        point of his running normaliser (``RunningAvgNormalizer`` in noanabeshima/matryoshka-saes
+        ``sae.py``: ``x * sqrt(d) / EMA(mean ||x||)``, EMA decay 0.99 per step), so his sparsity
+        coefficients and target L0 apply in these units. Raises ValueError if ``n < 1`` or every
+        sample is zero."""
+        if not (isinstance(n, int) and n >= 1):
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        x, _ = self.sample(n, torch.Generator().manual_seed(seed))
+        mean_norm = float(x.double().norm(dim=-1).mean())
+        if not mean_norm > 0:
+            raise ValueError(f"all {n} samples are zero: no input scale (firing probabilities too small?)")
+        return math.sqrt(self.d) / mean_norm
+
     def second_moment(self) -> Float[Tensor, "n_features n_features"]:
         """Analytic E[c cᵀ] of the feature coefficients c (magnitudes included), float64."""
         n = self.n_features

@@ -7,31 +7,56 @@ noanabeshima/matryoshka-saes.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from matplotlib.figure import Figure
 
-from .absorption import instance_summary
+from .absorption import AbsorptionScores, HedgingScores, absorption_scores, hedging_scores, instance_summary, train_hedging_pair
 from .matryoshka import MatryoshkaConfig
 from .plotting import sae_feature_heatmaps
 from .sae import SAE, SAEConfig
 from .toy_data import ToyHierarchy
 from .train import History, TrainConfig, train_sae
 
-__all__ = ["ToyComparison", "instance_summary", "compare_vanilla_matryoshka", "NarrowSweep", "narrow_sae_sweep"]
+__all__ = [
+    "ToyComparison",
+    "instance_summary",
+    "compare_vanilla_matryoshka",
+    "NarrowSweep",
+    "narrow_sae_sweep",
+    "NarrowSweepHedging",
+    "narrow_sweep_hedging",
+]
 
 
 @dataclass
 class ToyComparison:
-    """A vanilla and a Matryoshka SAE (``n_inst`` seeds each) trained on the same data."""
+    """SAEs of several methods (``n_inst`` seeds each) trained on the same hierarchy.
+
+    ``input_scale`` is the constant the inputs were multiplied by before training (1 for raw
+    inputs); every evaluation that feeds inputs to the SAEs applies it too.
+    """
 
     hierarchy: ToyHierarchy
     saes: dict[str, SAE]
     histories: dict[str, History]
+    input_scale: float = 1.0
 
     def summary(self, method: str) -> list[dict[str, float]]:
+        """Per seed: MCC, recovered / stuck features and the parent/child cosine pattern
+        (:func:`saelib.absorption.instance_summary`)."""
         return instance_summary(self.saes[method], self.hierarchy)
+
+    def absorption(self, method: str, n: int = 20_000, seed: int = 1) -> AbsorptionScores:
+        """SAEBench's full-absorption rate and absorption fraction of every seed of ``method`` on
+        ``n`` fresh samples drawn with ``seed`` (:func:`saelib.absorption.absorption_scores`;
+        ``full_absorption`` / ``absorption_fraction`` are ``[n_inst]``). Raises KeyError for an
+        unknown method."""
+        x, coeffs = self.hierarchy.sample(n, torch.Generator().manual_seed(seed))
+        return absorption_scores(self.saes[method], self.hierarchy, x * self.input_scale, coeffs)
 
     def figure(self, method: str, instance: int = 0) -> Figure:
         """Encoder / decoder / b_dec heatmaps of one trained SAE against the true features."""
@@ -49,19 +74,38 @@ def compare_vanilla_matryoshka(
     n_inst: int = 8,
     d_sae: int | None = None,
     seed: int = 0,
+    input_scale: float = 1.0,
+    methods: Sequence[str] = ("vanilla", "matryoshka"),
 ) -> ToyComparison:
-    """Train ``n_inst`` vanilla and ``n_inst`` Matryoshka ReLU SAEs (same initialisations, same
-    data stream) with ``d_sae`` latents (default: one per true feature)."""
+    """Train ``n_inst`` vanilla and ``n_inst`` Matryoshka ReLU SAEs (same initialisations; the
+    same data stream, or each instance its own with ``train_cfg.independent_instances``) with
+    ``d_sae`` latents (default: one per true feature).
+
+    ``input_scale`` multiplies every input (Nabeshima normalises inputs to a mean norm of
+    ``sqrt(d)``, :meth:`saelib.toy_data.ToyHierarchy.input_scale`, so his sparsity coefficients
+    are in those units). ``methods`` picks which of ``"vanilla"`` and ``"matryoshka"`` to train.
+
+    Raises ValueError for an ``input_scale`` that is not a finite positive number, or for empty
+    or unknown ``methods``.
+    """
+    if not (isinstance(input_scale, (int, float)) and math.isfinite(input_scale) and input_scale > 0):
+        raise ValueError(f"input_scale must be a finite number > 0, got {input_scale!r}")
+    methods = list(methods)
+    unknown = [m for m in methods if m not in ("vanilla", "matryoshka")]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct names among 'vanilla', 'matryoshka', got {methods!r}")
     cfg = SAEConfig(d_in=hierarchy.d, d_sae=d_sae or hierarchy.n_features, n_inst=n_inst, seed=seed)
 
     def data(batch: int, g: torch.Generator) -> torch.Tensor:
-        return hierarchy.sample(batch, g)[0]
+        x = hierarchy.sample(batch, g)[0]
+        return x if input_scale == 1.0 else x * input_scale
 
     saes, hists = {}, {}
-    for method, mcfg in (("vanilla", None), ("matryoshka", matryoshka_cfg)):
+    for method in methods:
         saes[method] = SAE(cfg)
+        mcfg = matryoshka_cfg if method == "matryoshka" else None
         hists[method] = train_sae(saes[method], data, replace(train_cfg, matryoshka=mcfg))
-    return ToyComparison(hierarchy, saes, hists)
+    return ToyComparison(hierarchy, saes, hists, float(input_scale))
 
 
 @dataclass
@@ -74,6 +118,13 @@ class NarrowSweep:
     closed-form child cosine of :func:`saelib.hedging.hedged_child_cosine`; ``mse`` is
     ``[n_q, n_l1]``, the median over seeds of the trained SAEs' reconstruction MSE on a fresh sample;
     ``sae`` holds the trained SAEs, one instance per (q, L1, seed) in that order.
+
+    What is needed to train them further on the same data (:func:`narrow_sweep_hedging`):
+    ``trees`` (one :class:`~saelib.toy_data.ToyHierarchy` per instance, same order as ``sae``),
+    ``train_cfg`` (the :class:`~saelib.train.TrainConfig` of the sweep: steps, batch size, lr,
+    per-instance L1 coefficients, seed), and the hierarchy's settings ``p_parent``,
+    ``n_children``, ``exclusive``. They default to None / the sweep's defaults so that a
+    ``NarrowSweep`` built by older code still constructs; :func:`narrow_sweep_hedging` then refuses it.
     """
 
     q_values: list[float]
@@ -85,6 +136,16 @@ class NarrowSweep:
     child_cos_seeds: torch.Tensor
     parent_cos_seeds: torch.Tensor
     sae: SAE | None = None
+    trees: list[ToyHierarchy] | None = None
+    train_cfg: TrainConfig | None = None
+    p_parent: float = 0.25
+    n_children: int = 2
+    exclusive: bool = True
+
+    @property
+    def n_seeds(self) -> int:
+        """Seeds per (q, L1) pair (the last axis of ``child_cos_seeds``)."""
+        return int(self.child_cos_seeds.shape[-1])
 
 
 def narrow_sae_sweep(
@@ -133,4 +194,133 @@ def narrow_sae_sweep(
         predicted=torch.tensor([hedged_child_cosine(q, n_children, exclusive) for q in q_values]),
         mse=mse.reshape(shape).median(-1).values,
         child_cos_seeds=child_cos, parent_cos_seeds=parent_cos, sae=sae,
+        trees=trees, train_cfg=cfg, p_parent=p_parent, n_children=n_children, exclusive=exclusive,
+    )
+
+
+@dataclass
+class NarrowSweepHedging:
+    """Hedging rates of every SAE of a :class:`NarrowSweep` (see :func:`narrow_sweep_hedging`).
+
+    Every tensor is ``[n_q, n_l1, n_seeds]`` (float64), indexed like ``NarrowSweep.child_cos_seeds``;
+    lengths are in units of the unit-normalised decoder row.
+
+    Attributes:
+        q_values, l1_values: the sweep's axes.
+        n_new: latents added to each 1-latent SAE.
+        steps: optimiser steps of the further training (extended and control alike).
+        hedging_rate: Chanin et al. 2025's rate, ``max(0, (delta_proj - baseline_proj) /
+            (1 - baseline_proj))``: 0 when the old decoder row moved no more into the new latents'
+            span than into a random subspace of that dimension, near 1 when it moved by about its
+            own length into it.
+        delta_proj: ``||P_new delta||``, the change of the old row (extended minus control) projected
+            onto the span of the new decoder rows.
+        baseline_proj: the same for random subspaces of the same dimension (mean over draws).
+        delta_norm: ``||delta||``, the whole change of the old row.
+        scores: the :class:`~saelib.absorption.HedgingScores` over all instances (flat, in the
+            sweep's (q, L1, seed) order), with the drift since the sweep's SAE.
+        extended, control: the SAEs trained further (``d_sae = 1 + n_new`` and ``1``).
+    """
+
+    q_values: list[float]
+    l1_values: list[float]
+    n_new: int
+    steps: int
+    hedging_rate: torch.Tensor
+    delta_proj: torch.Tensor
+    baseline_proj: torch.Tensor
+    delta_norm: torch.Tensor
+    scores: HedgingScores
+    extended: SAE
+    control: SAE
+
+
+def narrow_sweep_hedging(
+    sweep: NarrowSweep,
+    n_new: int | None = None,
+    steps: int | None = None,
+    *,
+    init_norm: float = 0.1,
+    n_baselines: int = 50,
+    seed: int | None = None,
+    progress: bool = False,
+) -> NarrowSweepHedging:
+    """Hedging rate (Chanin et al. 2025, arXiv 2505.11756) of every 1-latent SAE of a narrow sweep.
+
+    Each trained 1-latent SAE of ``sweep`` is extended with ``n_new`` latents
+    (:func:`saelib.absorption.extend_sae`, the reference's initialisation) and trained further
+    beside a copy of itself at width 1 (the control), both with the sweep's own training
+    configuration (same L1 coefficient per instance, lr, batch size, schedule, dead-latent
+    resampling) on the data each instance was trained on: instance ``i`` draws from
+    ``sweep.trees[i]`` through the same stacked sampler and seed as the sweep, so it sees the same
+    data stream again (:func:`saelib.absorption.train_hedging_pair`). The old row's move in the
+    extended SAE relative to the control is scored by :func:`saelib.absorption.hedging_scores`:
+    a single latent that hedged (merged its children into the parent direction) gives the children
+    up to the new latents and moves into their span.
+
+    Args:
+        sweep: a :class:`NarrowSweep` from :func:`narrow_sae_sweep` (it must hold ``sae``,
+            ``trees`` and ``train_cfg``).
+        n_new: latents to add; default ``sweep.n_children`` (room for one latent per child).
+        steps: optimiser steps of the further training; default the sweep's.
+        init_norm: norm of the new latents' random decoder rows / encoder columns (reference: 0.1).
+        n_baselines: random subspaces per instance for the baseline (reference: 50).
+        seed: seed of the new latents' directions (instance ``i``: ``seed + i``) and of the random
+            subspaces; the training data stream keeps the sweep's seed. Default: the sweep's seed.
+        progress: show tqdm progress bars of the two trainings.
+
+    Returns a :class:`NarrowSweepHedging`; its tensors are ``[n_q, n_l1, n_seeds]``.
+
+    Raises:
+        ValueError: ``sweep`` lacks ``sae``, ``trees`` or ``train_cfg`` (made before they were
+            recorded), its sizes disagree, it was trained with ``independent_instances`` (the
+            stacked sampler cannot serve it), ``n_new`` is not an int >= 1 or leaves no room for a
+            random baseline (``1 + n_new >= d_in``), or ``steps`` is not an int >= 1; and whatever
+            :func:`saelib.absorption.extend_sae`, :func:`saelib.train.train_sae` and
+            :func:`saelib.absorption.hedging_scores` raise.
+
+    Source: Chanin et al. 2025, "Feature hedging" (arXiv 2505.11756), reference code
+    ``chanind/feature-hedging-paper`` (``hedging_paper/evals/hedging_eval.py``,
+    ``hedging_paper/scripts/train_hedging_eval_batch_topk_sae.py``). Adaptations beyond those of
+    :mod:`saelib.absorption`: the SAEs are ReLU + L1 bias-free 1-latent SAEs (the reference scores
+    BatchTopK SAEs of an LLM), and the further training replays the toy data stream.
+    """
+    from .toy_data import stacked_sampler
+
+    if sweep.sae is None or sweep.trees is None or sweep.train_cfg is None:
+        raise ValueError(
+            "sweep must hold its SAEs, trees and train_cfg (a NarrowSweep from narrow_sae_sweep); "
+            "this one was built without them"
+        )
+    shape = (len(sweep.q_values), len(sweep.l1_values), sweep.n_seeds)
+    n_inst = shape[0] * shape[1] * shape[2]
+    if sweep.sae.n_inst != n_inst or len(sweep.trees) != n_inst:
+        raise ValueError(
+            f"sweep has {sweep.sae.n_inst} SAE instances and {len(sweep.trees)} trees but "
+            f"n_q * n_l1 * n_seeds = {n_inst}"
+        )
+    if sweep.train_cfg.independent_instances:
+        raise ValueError("sweep was trained with independent_instances, which the stacked toy sampler cannot replay")
+    n_new = sweep.n_children if n_new is None else n_new
+    if not isinstance(n_new, int) or isinstance(n_new, bool) or n_new < 1:
+        raise ValueError(f"n_new must be an int >= 1, got {n_new!r}")
+    if sweep.sae.d_sae + n_new >= sweep.sae.d_in:
+        raise ValueError(
+            f"n_new={n_new} new latents beside {sweep.sae.d_sae} in d_in={sweep.sae.d_in} leave no room "
+            f"for a random-subspace baseline; use n_new < {sweep.sae.d_in - sweep.sae.d_sae}"
+        )
+    steps = sweep.train_cfg.steps if steps is None else steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    seed = sweep.train_cfg.seed if seed is None else seed
+    cfg = replace(sweep.train_cfg, steps=steps, progress=progress)
+    extended, control = train_hedging_pair(
+        sweep.sae, n_new, stacked_sampler(sweep.trees), cfg, init_norm=init_norm, seed=seed
+    )
+    scores = hedging_scores(extended, control, before=sweep.sae, n_baselines=n_baselines, seed=seed)
+    return NarrowSweepHedging(
+        q_values=list(sweep.q_values), l1_values=list(sweep.l1_values), n_new=n_new, steps=steps,
+        hedging_rate=scores.hedging_rate.reshape(shape), delta_proj=scores.delta_proj.reshape(shape),
+        baseline_proj=scores.baseline_proj.reshape(shape), delta_norm=scores.delta_norm.reshape(shape),
+        scores=scores, extended=extended, control=control,
     )

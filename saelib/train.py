@@ -2,7 +2,10 @@
 clipping, an adaptive L1 coefficient that steers L0 to a target, optional Matryoshka loss and
 latent permutation; on any device and dtype (the SAE's, :class:`saelib.sae.SAEConfig`), and
 data-parallel over ``torch.distributed`` when a process group is initialised (see
-:func:`train_sae` and :mod:`saelib.distributed`).
+:func:`train_sae` and :mod:`saelib.distributed`). :func:`train_sae` composes the parts in
+:mod:`saelib.train_parts` (the loss of one step, the sparsity controller, dead-latent
+resampling, latent permutation) with the data streams, the divergence check, the optimiser step
+and :meth:`History.record`.
 
 The recipe follows Nabeshima's Matryoshka SAE code (``noanabeshima/matryoshka-saes``, ``sae.py``):
 Adam(lr 3e-2, betas (0.5, 0.9375)), grad-norm clip 1.0, WSD schedule, and a sparsity controller
@@ -33,16 +36,11 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .matryoshka import (
-    MatryoshkaConfig,
-    PerInstanceMatryoshka,
-    latent_weights,
-    matryoshka_recon_loss,
-    matryoshka_variant_loss,
-)
 from .distributed import DataParallel, data_parallel
-from .penalties import FREQ_TARGET, BatchMean, per_latent_penalty
+from .matryoshka import MatryoshkaConfig, PerInstanceMatryoshka
+from .penalties import FREQ_TARGET
 from .sae import SAE
+from .train_parts import DeadLatentResampler, LatentPermuter, SparsityController, SparsityPenalty, step_loss
 
 __all__ = [
     "TrainConfig",
@@ -224,6 +222,26 @@ class History:
     def final(self, name: str) -> Tensor:
         """The last logged value of one curve, ``[inst]``."""
         return getattr(self, name)[-1]
+
+    def record(
+        self,
+        step: int,
+        loss: Float[Tensor, " inst"],
+        x: Float[Tensor, "batch inst d_out"],
+        x_hat: Float[Tensor, "batch inst d_out"],
+        l0: Float[Tensor, " inst"],
+        l1_coeff: Float[Tensor, " inst"],
+        dp: DataParallel | None = None,
+    ) -> None:
+        """Append one logged step: the loss, L0 and coefficient as given (copied), the MSE and FVU
+        of ``x_hat`` against ``x`` (under data-parallel training ``dp``, of the combined batch)."""
+        err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
+        self.step.append(step)
+        self.loss.append(loss.clone())
+        self.mse.append(err.mean(0) if dp is None else dp.batch_mean(err))
+        self.l0.append(l0)
+        self.fvu.append(_fvu(x, err, dp))
+        self.l1_coeff.append(l1_coeff.clone())
 
 
 def wsd_lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -422,64 +440,22 @@ def _clip_per_instance(params: list[Tensor], max_norm: float) -> None:
         g.mul_(scale.view(-1, *([1] * (g.ndim - 1))))
 
 
-@torch.no_grad()
-def _permute_with_optimizer(sae: SAE, opt: torch.optim.Optimizer, perm: Tensor) -> None:
-    """Permute latents and the matching Adam moments so optimisation continues seamlessly."""
-    sae.permute_latents(perm)
-    index_dims = {id(sae.W_enc): 2, id(sae.b_enc): 1, id(sae.W_dec): 1}
-    for p in (sae.W_enc, sae.b_enc, sae.W_dec):
-        state = opt.state.get(p, {})
-        dim = index_dims[id(p)]
-        shape = [1] * p.ndim
-        shape[0], shape[dim] = perm.shape
-        idx = perm.view(shape).expand_as(p)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key].copy_(state[key].gather(dim, idx))
-
-
-@torch.no_grad()
-def _resample_dead(
-    sae: SAE,
-    opt: torch.optim.Optimizer,
-    dead: Tensor,
-    x_in: Tensor,
-    err: Tensor,
-    g: torch.Generator | Sequence[torch.Generator],
+def _optimizer_step(
+    loss: Tensor, params: list[Tensor], opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig, sae: SAE,
+    dp: DataParallel | None,
 ) -> None:
-    """Point each dead latent (``dead`` is ``[inst, d_sae]`` bool) at an input of the batch drawn
-    with probability proportional to its squared reconstruction error (``err`` is ``[batch, inst]``).
-
-    ``g`` is one (CPU) generator for all draws, or one per instance (each instance's dead latents
-    then draw from its own, so the draws do not depend on the other instances). The draws happen
-    on the CPU whatever the SAE's device, so they are the same on every device.
-    """
-    inst_idx, lat_idx = dead.nonzero(as_tuple=True)
-    if len(inst_idx) == 0:
-        return
-    x_in = sae._as_instances(x_in)  # [batch, inst, d_in]
-    probs = (err.T[inst_idx] + 1e-12).cpu()  # [n_dead, batch]
-    if isinstance(g, torch.Generator):
-        rows = torch.multinomial(probs, 1, generator=g)[:, 0]
-    else:
-        inst_cpu = inst_idx.cpu()
-        rows = torch.empty_like(inst_cpu)
-        for i in inst_cpu.unique().tolist():
-            sel = inst_cpu == i
-            rows[sel] = torch.multinomial(probs[sel], 1, generator=g[i])[:, 0]
-    v = x_in[rows.to(x_in.device), inst_idx]
-    if sae.cfg.apply_b_dec_to_input:
-        v = v - sae.b_dec[inst_idx]
-    v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-8)  # [n_dead, d_in]
-    enc_norm = sae.W_enc.norm(dim=1).mean(dim=1)[inst_idx]  # typical encoder column norm
-    sae.W_enc[inst_idx, :, lat_idx] = v * enc_norm[:, None]
-    sae.b_enc[inst_idx, lat_idx] = 0.0
-    if sae.d_out == sae.d_in:
-        sae.W_dec[inst_idx, lat_idx] = v * sae.cfg.dec_init_norm
-    for p, index in ((sae.W_enc, (inst_idx, slice(None), lat_idx)), (sae.b_enc, (inst_idx, lat_idx)), (sae.W_dec, (inst_idx, lat_idx))):
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in opt.state.get(p, {}):
-                opt.state[p][key][index] = 0.0
+    """Backward of the summed per-instance loss, data-parallel gradient average, per-instance
+    clipping, the Adam and schedule steps, and the optional decoder renormalisation."""
+    opt.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    if dp is not None:
+        dp.average_gradients(params)  # the combined batch's gradient, before clipping
+    if cfg.grad_clip is not None:
+        _clip_per_instance(params, cfg.grad_clip)
+    opt.step()
+    sched.step()
+    if cfg.unit_norm_decoder:
+        sae.normalize_decoder()
 
 
 def _penalty_kinds(penalty: str | Sequence[str], n_inst: int) -> list[str]:
@@ -502,28 +478,119 @@ def _freq_targets(cfg: TrainConfig, target: Tensor | None, n_inst: int, d_sae: i
     return [FREQ_TARGET] * n_inst
 
 
-def _penalty(
-    acts: Tensor, scale: Tensor, kinds: list[str], freq_target: list[float], batch_mean: BatchMean | None = None
-) -> Tensor:
-    """Per-latent penalty ``[inst, d_sae]``, each instance with its own penalty kind.
+def _controller(cfg: TrainConfig, n_inst: int, d_sae: int, like: dict[str, Any]) -> SparsityController:
+    """The sparsity controller of ``cfg`` (raises ValueError for a ``target_l0`` outside ``(0, d_sae]``)."""
+    coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff").to(**like)
+    target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0").to(**like)
+    if target is not None:
+        unreachable = ((target <= 0) | (target > d_sae)).nonzero().flatten().tolist()
+        if unreachable:
+            raise ValueError(
+                f"TrainConfig.target_l0={cfg.target_l0!r} is not an L0 this SAE can reach with "
+                f"d_sae={d_sae}: it must be in (0, {d_sae}] (instance(s) {unreachable})"
+            )
+    return SparsityController(coeff, target, cfg.l1_adapt_eps, int(cfg.l1_warmup_frac * cfg.steps))
 
-    ``acts`` are ReLU outputs (>= 0), so the L1 penalty ``mean_batch(a_j * scale_j)`` is computed
-    as ``scale_j * sum_batch(a_j) / batch``: one reduction over the ``[batch, inst, d_sae]`` tensor
-    instead of a product, a reduction and two products in the backward (equal up to rounding).
-    ``batch_mean`` goes to batch-level penalties (see :func:`saelib.penalties.per_latent_penalty`).
+
+def _sparsity_penalty(cfg: TrainConfig, target: Tensor | None, n_inst: int, d_sae: int, dp: DataParallel | None) -> SparsityPenalty:
+    """The penalty of ``cfg`` (raises ValueError for per-instance lists of the wrong length)."""
+    return SparsityPenalty(
+        _penalty_kinds(cfg.penalty, n_inst),
+        _freq_targets(cfg, target, n_inst, d_sae),
+        cfg.scale_penalty_by_decoder_norm,
+        None if dp is None else dp.penalty_batch_mean,
+    )
+
+
+@dataclass
+class _Streams:
+    """The random streams of a run (CPU generators): one generator each, or one per instance
+    (``TrainConfig.independent_instances``)."""
+
+    data: torch.Generator | list[torch.Generator]
+    prefix: torch.Generator | list[torch.Generator]
+    resample: torch.Generator | list[torch.Generator]
+
+
+def _streams(cfg: TrainConfig, n_inst: int) -> _Streams:
+    """Seed the data, prefix and resampling streams (raises ValueError for bad ``instance_ids``)."""
+    if cfg.independent_instances:  # one generator per instance and stream
+        ids = list(range(n_inst)) if cfg.instance_ids is None else list(cfg.instance_ids)
+        if len(ids) != n_inst:
+            raise ValueError(f"TrainConfig.instance_ids has {len(ids)} ids but n_inst={n_inst}")
+        return _Streams(*(_instance_generators(cfg.seed, ids, s) for s in (_DATA_STREAM, _PREFIX_STREAM, _RESAMPLE_STREAM)))
+    # prefix sampling and dead-latent resampling draw from their own streams, so that neither
+    # changes the data any instance sees
+    return _Streams(
+        torch.Generator().manual_seed(cfg.seed),
+        torch.Generator().manual_seed(cfg.seed + 1_000_003),
+        torch.Generator().manual_seed(cfg.seed + 2_000_003),
+    )
+
+
+def _next_batch(
+    sample: Callable[[int, torch.Generator], Any], streams: _Streams, cfg: TrainConfig, sae: SAE, check: bool, step: int
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """This step's ``(x_in, target, data_ok)`` on the SAE's device and dtype, as the data source
+    shapes them (``[batch, d]`` or ``[batch, inst, d]``); ``target is x_in`` for an autoencoder;
+    ``data_ok`` a 0-d bool (all finite) when ``check``, else None.
+
+    Raises ValueError if a transcoder's data function returns one tensor, or as :func:`_stacked_batch`.
     """
-    if all(k == "l1" for k in kinds):
-        return acts.sum(0) * (scale / acts.shape[0])
-    if all(k == kinds[0] for k in kinds):
-        return per_latent_penalty(acts, scale, kinds[0], freq_target, batch_mean)
-    out = acts.new_zeros(acts.shape[1:])
-    for kind in dict.fromkeys(kinds):
-        ids = [i for i, k in enumerate(kinds) if k == kind]
-        idx = torch.tensor(ids, device=acts.device)
-        out = out.index_copy(
-            0, idx, per_latent_penalty(acts[:, idx], scale[idx], kind, [freq_target[i] for i in ids], batch_mean)
+    if cfg.independent_instances:
+        batch = _stacked_batch(sample, cfg.batch_size, streams.data, step)  # type: ignore[arg-type]
+    else:
+        batch = sample(cfg.batch_size, streams.data)
+    if isinstance(batch, tuple):
+        x_in, x = batch
+    elif sae.d_out != sae.d_in:
+        raise ValueError(
+            f"a transcoder (d_in={sae.d_in}, d_out={sae.d_out}) needs (inputs, targets) "
+            f"batches, but the data function returned one tensor of shape {tuple(batch.shape)} "
+            f"at step {step}"
         )
-    return out
+    else:
+        x_in = x = batch
+    like = {"device": sae.W_enc.device, "dtype": sae.W_enc.dtype}
+    if x is x_in:  # to the SAE's device and dtype (no copy when already there)
+        x_in = x = x_in.to(**like)
+    else:
+        x_in, x = x_in.to(**like), x.to(**like)
+    data_ok: Tensor | None = None  # folded into the divergence check
+    if check:
+        data_ok = torch.isfinite(x_in).all()
+        if x is not x_in:
+            data_ok = data_ok & torch.isfinite(x).all()
+    return x_in, x, data_ok
+
+
+class _DivergenceGuard:
+    """One check (and one host sync) per step: non-finite data, non-finite loss, or a loss over
+    ``factor`` times its first value; data-parallel: over every rank, so all ranks stop together."""
+
+    def __init__(self, factor: float, n_inst: int, dp: DataParallel | None):
+        self.factor, self.n_inst, self.dp = factor, n_inst, dp
+        self.first_loss: Tensor | None = None
+
+    def __call__(self, loss: Tensor, data_ok: Tensor | None, x_in: Tensor, target: Tensor, step: int) -> Tensor:
+        """Return the detached loss ``[inst]`` (of the combined batch), or raise ValueError /
+        :class:`TrainingDivergedError` naming the step and instances."""
+        loss_seen = loss.detach()
+        if self.dp is not None:
+            loss_seen = self.dp.mean(loss_seen)
+            if data_ok is not None:
+                data_ok = ~self.dp.any(~data_ok)
+        if self.first_loss is None:
+            self.first_loss = loss_seen.clamp_min(1e-12)
+        ok = (loss_seen <= self.factor * self.first_loss) & torch.isfinite(loss_seen)
+        if data_ok is not None:
+            ok = ok & data_ok
+        if not ok.all():
+            if data_ok is not None and not data_ok:
+                _raise_non_finite_batch(x_in, target, self.n_inst, step)
+                raise ValueError(f"non-finite batch at step {step} on another torch.distributed rank (see its error)")
+            _raise_diverged(loss_seen, self.first_loss, self.factor, step)
+        return loss_seen
 
 
 def _fvu(x: Tensor, err: Tensor, dp: DataParallel | None) -> Tensor:
@@ -560,7 +627,7 @@ def train_sae(
             under ``torch.distributed``, where it must not change the SAE.
         term_mask: Matryoshka only: ``x_in -> keep`` with ``keep`` ``[batch, inst, d_sae]``
             weighting each ``(sample, prefix)`` loss term (e.g.
-            :class:`saelib.matryoshka.SplitTermMask`).
+            :class:`saelib.matryoshka_probes.SplitTermMask`).
 
     Device and dtype: training runs where the SAE's parameters are (``SAEConfig.device`` /
     ``dtype``), in their dtype. Batches are moved there and cast to it (stored activations may
@@ -591,7 +658,6 @@ def train_sae(
             its first value (the message names the step and instances).
     """
     n_inst, d_sae = sae.n_inst, sae.d_sae
-    transcoder = sae.d_out != sae.d_in
     like = {"device": sae.W_enc.device, "dtype": sae.W_enc.dtype}  # every tensor made here
     dp = data_parallel()
     if dp is not None and sae.cfg.architecture == "batchtopk":
@@ -602,175 +668,52 @@ def train_sae(
     sample, check_batches = _sampler(data, sae.d_in, sae.d_out, None if dp is None else dp.local_rows(cfg.batch_size))
     if cfg.retain_cpu_memory and sae.W_enc.device.type == "cpu":
         retain_freed_cpu_memory()
-    coeff = _per_instance(cfg.l1_coeff, n_inst, "l1_coeff").to(**like)
-    target = None if cfg.target_l0 is None else _per_instance(cfg.target_l0, n_inst, "target_l0").to(**like)
-    if target is not None:
-        unreachable = ((target <= 0) | (target > d_sae)).nonzero().flatten().tolist()
-        if unreachable:
-            raise ValueError(
-                f"TrainConfig.target_l0={cfg.target_l0!r} is not an L0 this SAE can reach with "
-                f"d_sae={d_sae}: it must be in (0, {d_sae}] (instance(s) {unreachable})"
-            )
-    uses_penalty = sae.cfg.architecture == "relu"
-    kinds = _penalty_kinds(cfg.penalty, n_inst)
-    freq_target = _freq_targets(cfg, target, n_inst, d_sae)
+    controller = _controller(cfg, n_inst, d_sae, like)
+    penalty = _sparsity_penalty(cfg, controller.target, n_inst, d_sae, dp)
     mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst).to(like["device"])
     if term_mask is not None and mplan is None:
         raise ValueError("term_mask needs a Matryoshka loss (TrainConfig.matryoshka is None)")
-    permute_ema: float | Tensor = 0.0
-    if mplan is not None:  # a float when shared (as before per-instance configs), else [inst, 1]
-        uniform = bool((mplan.permute_ema == mplan.permute_ema[0]).all())
-        permute_ema = mplan.configs[0].permute_ema if uniform else mplan.permute_ema[:, None]
-
-    independent = cfg.independent_instances
-    g_data: list[torch.Generator] = []
-    g_prefix: torch.Generator | list[torch.Generator]
-    g_resample: torch.Generator | list[torch.Generator]
-    if independent:  # one generator per instance and stream (see TrainConfig.independent_instances)
-        ids = list(range(n_inst)) if cfg.instance_ids is None else list(cfg.instance_ids)
-        if len(ids) != n_inst:
-            raise ValueError(f"TrainConfig.instance_ids has {len(ids)} ids but n_inst={n_inst}")
-        g_data = _instance_generators(cfg.seed, ids, _DATA_STREAM)
-        g_prefix = _instance_generators(cfg.seed, ids, _PREFIX_STREAM)
-        g_resample = _instance_generators(cfg.seed, ids, _RESAMPLE_STREAM)
-    else:
-        g = torch.Generator().manual_seed(cfg.seed)  # data stream only
-        # prefix sampling and dead-latent resampling draw from their own streams, so that neither
-        # changes the data any instance sees
-        g_prefix = torch.Generator().manual_seed(cfg.seed + 1_000_003)
-        g_resample = torch.Generator().manual_seed(cfg.seed + 2_000_003)
+    streams = _streams(cfg, n_inst)
     # batch means of statistics that steer training or are logged: over the combined batch
     batch_mean: Callable[[Tensor], Tensor] = (lambda t: t.mean(0)) if dp is None else dp.batch_mean
     if dp is not None:
         dp.broadcast_module(sae)  # identical starting points (equal already when made from one config)
     params = [p for p in sae.parameters() if p.requires_grad]
-    # foreach: one multi-tensor kernel per Adam sub-step instead of a Python loop over parameters
-    # (same arithmetic, same results; less per-step overhead for small SAEs)
+    # foreach: one multi-tensor kernel per Adam sub-step (same arithmetic as the loop)
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: wsd_lr_factor(s, cfg))
-    sq_act_ema = torch.zeros(n_inst, d_sae, **like)
-    l1_warmup = max(1, int(cfg.l1_warmup_frac * cfg.steps))
+    permuter = LatentPermuter.for_plan(mplan, sae, batch_mean)
+    resampler = None if cfg.resample_dead_every is None else DeadLatentResampler(
+        cfg.resample_dead_every, cfg.steps // 2, streams.resample, n_inst, d_sae, like["device"], dp)
+    guard = _DivergenceGuard(cfg.divergence_factor, n_inst, dp)
     hist = History()
-    fired = torch.zeros(n_inst, d_sae, dtype=torch.bool, device=like["device"])
-    first_loss: Tensor | None = None
     writes = dp is None or dp.is_main
     sae.train()
 
     for step in tqdm(range(cfg.steps), disable=not (cfg.progress and writes), desc="train SAE", mininterval=1.0):
-        batch = _stacked_batch(sample, cfg.batch_size, g_data, step) if independent else sample(cfg.batch_size, g)
-        if isinstance(batch, tuple):
-            x_in, x = batch
-        elif transcoder:
-            raise ValueError(
-                f"a transcoder (d_in={sae.d_in}, d_out={sae.d_out}) needs (inputs, targets) "
-                f"batches, but the data function returned one tensor of shape {tuple(batch.shape)} "
-                f"at step {step}"
-            )
-        else:
-            x_in = x = batch
-        if x is x_in:  # to the SAE's device and dtype (no copy when already there)
-            x_in = x = x_in.to(**like)
-        else:
-            x_in, x = x_in.to(**like), x.to(**like)
-        data_ok: Tensor | None = None  # a 0-d bool, folded into the divergence check below
-        if check_batches:
-            data_ok = torch.isfinite(x_in).all()
-            if x is not x_in:
-                data_ok = data_ok & torch.isfinite(x).all()
-        x_raw = x
-        x = sae._as_instances(x, sae.d_out)  # reconstruction target [batch, inst, d_out]
-        x_hat, acts = sae(x_in)
-        if mplan is None:
-            weights = None
-            recon = (x - x_hat).pow(2).sum(-1).mean(0)  # [inst]
-        else:
-            if independent:
-                weights = mplan.independent_weights(d_sae, g_prefix)
-            else:
-                weights = mplan.weights(d_sae, g_prefix)
-            weights = weights.to(**like)  # drawn on the CPU
-            if term_mask is None and not mplan.routes_gradient:
-                recon = matryoshka_recon_loss(x, acts, sae.W_dec, sae.b_dec, weights)
-            else:
-                keep = None if term_mask is None else term_mask(x_in)
-                recon = matryoshka_variant_loss(
-                    x, acts, sae.W_dec, sae.b_dec, weights, mplan.inner_grad_scale, keep
-                )
-        ramp = min(1.0, (step + 1) / l1_warmup)
-        if uses_penalty:
-            scale = sae.decoder_norms() if cfg.scale_penalty_by_decoder_norm else torch.ones(n_inst, d_sae, **like)
-            pen = _penalty(acts, scale, kinds, freq_target, None if dp is None else dp.penalty_batch_mean)  # [inst, d_sae]
-            if weights is not None and mplan.sparsity_by_prefix.any():
-                by_prefix = mplan.sparsity_by_prefix[:, None]
-                scale_in = mplan.inner_grad_scale if mplan.routes_gradient else None
-                lw = latent_weights(weights, scale_in)
-                pen = pen * torch.where(by_prefix, lw, torch.ones_like(weights))
-            sparsity = pen.sum(-1)
-            loss_i = recon + ramp * coeff * sparsity
-        else:
-            loss_i = recon
-        loss_seen = loss_i.detach()  # [inst]
-        if dp is not None:  # every rank checks the combined batch, so all ranks stop together
-            loss_seen = dp.mean(loss_seen)
-            if data_ok is not None:
-                data_ok = ~dp.any(~data_ok)
-        if first_loss is None:
-            first_loss = loss_seen.clamp_min(1e-12)
-        # one check (and one host sync) per step: non-finite data, non-finite loss or diverged
-        ok = (loss_seen <= cfg.divergence_factor * first_loss) & torch.isfinite(loss_seen)
-        if data_ok is not None:
-            ok = ok & data_ok
-        if not ok.all():
-            if data_ok is not None and not data_ok:
-                _raise_non_finite_batch(x_in, x_raw, n_inst, step)
-                raise ValueError(f"non-finite batch at step {step} on another torch.distributed rank (see its error)")
-            _raise_diverged(loss_seen, first_loss, cfg.divergence_factor, step)
-
-        opt.zero_grad(set_to_none=True)
-        loss_i.sum().backward()
-        if dp is not None:
-            dp.average_gradients(params)  # the combined batch's gradient, before clipping
-        if cfg.grad_clip is not None:
-            _clip_per_instance(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if cfg.unit_norm_decoder:
-            sae.normalize_decoder()
+        x_in, x_raw, data_ok = _next_batch(sample, streams, cfg, sae, check_batches, step)
+        x = sae._as_instances(x_raw, sae.d_out)  # reconstruction target [batch, inst, d_out]
+        weights = None
+        if mplan is not None:  # this step's prefix weights, drawn on the CPU
+            draw = mplan.independent_weights if cfg.independent_instances else mplan.weights
+            weights = draw(d_sae, streams.prefix).to(**like)  # type: ignore[arg-type]
+        keep = None if term_mask is None else term_mask(x_in)
+        loss, x_hat, acts = step_loss(sae, x_in, x, controller.in_force(step),
+                                      penalty if sae.cfg.architecture == "relu" else None, mplan, weights, keep)
+        loss_seen = guard(loss, data_ok, x_in, x_raw, step)
+        _optimizer_step(loss, params, opt, sched, cfg, sae, dp)
 
         with torch.no_grad():
             log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
-            if target is not None or log_now:
-                l0 = batch_mean((acts > 0).to(acts.dtype).sum(-1))  # [inst]
-            if target is not None and step + 1 >= l1_warmup:
-                coeff = torch.where(l0 < target, coeff * (1 - cfg.l1_adapt_eps), coeff * (1 + cfg.l1_adapt_eps))
-            if cfg.resample_dead_every is not None:
-                fired |= (acts > 0).any(dim=0)
-                if (step + 1) % cfg.resample_dead_every == 0 and step < cfg.steps // 2:
-                    err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
-                    if dp is None:
-                        _resample_dead(sae, opt, ~fired, x_in, err, g_resample)
-                    else:  # every rank resamples alike from the combined batch
-                        _resample_dead(sae, opt, ~dp.any(fired), dp.gather_rows(x_in), dp.gather_rows(err), g_resample)
-                    fired.zero_()
-            if mplan is not None and mplan.permute.any():
-                scaled_sq = batch_mean((acts * sae.decoder_norms()).pow(2))
-                ema = permute_ema
-                sq_act_ema.mul_(ema).add_((1 - ema) * scaled_sq)
-                perm = sq_act_ema.argsort(dim=-1, descending=True, stable=True)
-                if not mplan.permute.all():  # instances that do not permute keep their order
-                    perm = torch.where(mplan.permute[:, None], perm, torch.arange(d_sae, device=perm.device).expand_as(perm))
-                _permute_with_optimizer(sae, opt, perm)
-                sq_act_ema = sq_act_ema.gather(1, perm)
+            l0 = batch_mean((acts > 0).to(acts.dtype).sum(-1)) if controller.steers or log_now else None  # [inst]
+            controller.update(step, l0)
+            if resampler is not None:
+                resampler(step, sae, opt, acts, x_in, x, x_hat)
+            if permuter is not None:
+                permuter(sae, opt, acts)
             if callback is not None and writes:
                 callback(step, sae)
             if log_now:
-                err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
-                hist.step.append(step)
-                hist.loss.append(loss_seen.clone())
-                hist.mse.append(batch_mean(err))
-                hist.l0.append(l0)
-                hist.fvu.append(_fvu(x, err, dp))
-                hist.l1_coeff.append((ramp * coeff).clone())
+                hist.record(step, loss_seen, x, x_hat, l0, controller.in_force(step), dp)
     sae.eval()
     return hist
-

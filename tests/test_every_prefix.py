@@ -1,12 +1,17 @@
-"""The sparse exact every-prefix Matryoshka loss against a naive loop that decodes every prefix."""
+"""The sparse exact every-prefix path of the Matryoshka loss (``matryoshka_loss(method="sparse")``)
+against a naive loop that decodes every prefix, and the "auto" rule that routes to it."""
+
+import functools
 
 import pytest
 import torch
 
-import saelib.every_prefix as every_prefix
-from saelib.every_prefix import active_latents, sparse_prefix_loss
-from saelib.matryoshka import MatryoshkaConfig, every_prefix_errors, prefix_weights
+import saelib.matryoshka as matryoshka
+from saelib.matryoshka import MatryoshkaConfig, matryoshka_loss, prefix_weights
 from saelib.sae import SAE, SAEConfig
+
+sparse_prefix_loss = functools.partial(matryoshka_loss, method="sparse")
+active_latents = matryoshka._active_latents
 
 
 def naive_prefix_loss(x, acts, W_dec, b_dec, weights):
@@ -94,7 +99,7 @@ def test_chunked_gram_matches_single_chunk(monkeypatch):
     x = torch.randn(13, 5, dtype=torch.float64)
     weights = prefix_weights(MatryoshkaConfig(mode="every"), 20, 2).double()
     ref_loss, ref_grads, _ = loss_and_grads(sae, x, weights, naive_prefix_loss)
-    monkeypatch.setattr(every_prefix, "_CHUNK_ELEMENTS", 5 * 5 * 3)  # 3 rows per chunk, ragged end
+    monkeypatch.setattr(matryoshka, "_CHUNK_ELEMENTS", 5 * 5 * 3)  # 3 rows per chunk, ragged end
     loss, grads, _ = loss_and_grads(sae, x, weights, sparse_prefix_loss)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     for name in grads:
@@ -148,12 +153,10 @@ def test_bad_inputs_raise():
         active_latents(acts[0])
 
 
-def test_matryoshka_recon_loss_routes_large_sparse_problems_to_the_sparse_path(monkeypatch):
-    import saelib.matryoshka as matryoshka
-
+def test_auto_routes_large_sparse_problems_to_the_sparse_path(monkeypatch):
     calls = []
-    real = matryoshka.sparse_prefix_loss
-    monkeypatch.setattr(matryoshka, "sparse_prefix_loss", lambda *a: calls.append(1) or real(*a))
+    real = matryoshka._sparse_loss
+    monkeypatch.setattr(matryoshka, "_sparse_loss", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(matryoshka, "_DENSE_PREFIX_LIMIT", 0)  # as if d_sae were large
     sae = build_sae("topk", n_inst=2, d_in=5, d_sae=24, k=3)
     x = torch.randn(9, 5, dtype=torch.float64)
@@ -163,17 +166,15 @@ def test_matryoshka_recon_loss_routes_large_sparse_problems_to_the_sparse_path(m
         cfg = MatryoshkaConfig(mode=mode, n_prefixes=2)
         weights = prefix_weights(cfg, 24, 2, torch.Generator().manual_seed(0)).double()
         calls.clear()
-        got = matryoshka.matryoshka_recon_loss(xi, acts, sae.W_dec, sae.b_dec, weights)
+        got = matryoshka_loss(xi, acts, sae.W_dec, sae.b_dec, weights)
         assert bool(calls) == routed, mode
         torch.testing.assert_close(got, naive_prefix_loss(xi, acts, sae.W_dec, sae.b_dec, weights))
 
 
-def test_matryoshka_recon_loss_keeps_the_dense_path_when_d_sae_is_at_most_d_in(monkeypatch):
-    import saelib.matryoshka as matryoshka
-
+def test_auto_keeps_the_dense_path_when_d_sae_is_at_most_d_in(monkeypatch):
     calls = []
-    monkeypatch.setattr(matryoshka, "every_prefix_errors",
-                        lambda *a: calls.append(1) or every_prefix_errors(*a))
+    real = matryoshka._gram_errors
+    monkeypatch.setattr(matryoshka, "_gram_errors", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(matryoshka, "_DENSE_PREFIX_LIMIT", 0)
     for d_sae, dense in ((6, True), (7, False)):
         sae = build_sae("topk", n_inst=2, d_in=6, d_sae=d_sae, k=2)
@@ -182,7 +183,7 @@ def test_matryoshka_recon_loss_keeps_the_dense_path_when_d_sae_is_at_most_d_in(m
         _, acts = sae(x)
         weights = prefix_weights(MatryoshkaConfig(mode="every"), d_sae, 2).double()
         calls.clear()
-        got = matryoshka.matryoshka_recon_loss(xi, acts, sae.W_dec, sae.b_dec, weights)
+        got = matryoshka_loss(xi, acts, sae.W_dec, sae.b_dec, weights)
         assert bool(calls) == dense, d_sae
         torch.testing.assert_close(got, naive_prefix_loss(xi, acts, sae.W_dec, sae.b_dec, weights))
 

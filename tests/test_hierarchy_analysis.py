@@ -3,6 +3,7 @@ saelib.comparison_plots (figures return Figures with the expected content)."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -54,6 +55,8 @@ def test_truth_init_reconstructs_and_scores_perfectly():
     torch.testing.assert_close(m["child_on_own"], torch.ones(2))
     torch.testing.assert_close(m["child_on_parent"], torch.zeros(2), atol=1e-6, rtol=0)
     assert (m["dead_frac"] == 0).all()
+    # the true features absorb nothing (SAEBench's scores on ground truth)
+    assert m["full_absorption"].tolist() == [0.0, 0.0] and m["absorption_fraction"].tolist() == [0.0, 0.0]
     # latent j represents feature order[j]
     assert latent_assignment(sae, tree)[0, torch.tensor(order)].tolist() == list(range(20))
 
@@ -152,3 +155,49 @@ def test_prior_density_plot_has_one_line_per_penalty():
     s = fig.axes[0].lines[1].get_xdata()
     assert abs(l1_slope - 1).max() < 1e-12
     assert abs(cauchy_slope - 2 * s / (1 + s**2)).max() < 1e-9
+
+
+def test_sweep_lines_logy_draws_the_geometric_mean():
+    v = torch.tensor([[1.0, 100.0], [0.1, 10.0]])  # geometric means 10 and 1
+    fig = sweep_lines([0, 1], {"coeff": v}, "step", logy=True)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [10.0, 1.0], rtol=1e-6)  # float32 inputs
+    with pytest.raises(ValueError, match="<= 0"):
+        sweep_lines([0, 1], {"coeff": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}, "step", logy=True)
+
+
+def test_evaluate_input_scale_is_applied_before_the_sae():
+    # the true features with a threshold of 0.3: on inputs scaled by 3 a firing feature's activation
+    # is 3 - 0.3 (a 10 % shrink), on raw inputs 1 - 0.3 (30 %): FVU must be ~9x smaller when scaled
+    from saelib.metrics import fvu
+    tree = nabeshima_tree()
+    sae = truth_sae(tree)
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.3)
+    m = evaluate_instances(sae, tree, n_samples=2000, seed=3, input_scale=3.0)
+    raw = evaluate_instances(sae, tree, n_samples=2000, seed=3)
+    x, _ = tree.sample(2000, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(m["fvu"], fvu(3 * x, sae(3 * x)[0]))
+    assert (m["fvu"] * 5 < raw["fvu"]).all()
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="input_scale"):
+            evaluate_instances(sae, tree, n_samples=10, input_scale=bad)
+
+
+def test_split_term_push_scales_with_the_input_scale_squared():
+    # from the true features (a linear, bias-free SAE) a term's gradient on the decoder is
+    # 2 a (x_hat - x): both factors scale with the input, so the push scales with input_scale²
+    from saelib.hierarchy_analysis import split_term_push
+    from saelib.matryoshka import MatryoshkaConfig, expected_prefix_weights
+    tree = nabeshima_tree()
+    sae = truth_sae(tree, n_inst=1)
+    latent_of = torch.arange(tree.n_features)[None]
+    w = expected_prefix_weights(MatryoshkaConfig(mode="random"), tree.n_features)
+    one = split_term_push(sae, tree, latent_of, w, n_samples=2000, seed=1)
+    two = split_term_push(sae, tree, latent_of, w, n_samples=2000, seed=1, input_scale=2.0)
+    assert (one["split"] > 0).all()
+    torch.testing.assert_close(two["split"], 4 * one["split"], rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="input_scale"):
+        split_term_push(sae, tree, latent_of, w, n_samples=10, input_scale=0.0)

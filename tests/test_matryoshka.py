@@ -1,6 +1,7 @@
 """Tests for the base Matryoshka loss in saelib.matryoshka.
 
-Prefix errors are checked against a naive loop that decodes every prefix separately; the
+Every method of ``matryoshka_loss`` (and the per-prefix error kernels behind them) is checked
+against a naive loop that decodes every prefix separately; the
 random prefix lengths against the truncated-Pareto formula and a brute-force enumeration of
 sampling without replacement.
 """
@@ -12,14 +13,7 @@ import torch
 from scipy.stats import chi2
 
 import saelib.matryoshka as mat
-from saelib.matryoshka import (
-    MatryoshkaConfig,
-    every_prefix_errors,
-    latent_weights,
-    matryoshka_recon_loss,
-    prefix_errors,
-    prefix_weights,
-)
+from saelib.matryoshka import MatryoshkaConfig, latent_weights, matryoshka_loss, prefix_weights
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -233,12 +227,12 @@ def test_latent_weights_by_hand():
 
 
 # ---------------------------------------------------------------------------- prefix errors
-def test_every_prefix_errors_matches_naive_loop_values_and_gradients():
+def test_gram_errors_matches_naive_loop_values_and_gradients():
     x, acts, W_dec, b_dec = build_problem()
     d_sae = acts.shape[-1]
     coef = torch.rand(d_sae, dtype=torch.float64)  # an arbitrary linear functional of the errors
     a1 = leaf_copies(acts, W_dec, b_dec)
-    fast = every_prefix_errors(x, *a1)
+    fast = mat._gram_errors(x, *a1)
     a2 = leaf_copies(acts, W_dec, b_dec)
     slow = naive_prefix_errors(x, *a2, list(range(1, d_sae + 1)))
     torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
@@ -248,18 +242,18 @@ def test_every_prefix_errors_matches_naive_loop_values_and_gradients():
         torch.testing.assert_close(t1.grad, t2.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def test_every_prefix_errors_float32_close():
+def test_gram_errors_float32_close():
     x, acts, W_dec, b_dec = build_problem(dtype=torch.float32, seed=5)
     slow = naive_prefix_errors(x.double(), acts.double(), W_dec.double(), b_dec.double(), list(range(1, 8)))
-    torch.testing.assert_close(every_prefix_errors(x, acts, W_dec, b_dec).double(), slow, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(mat._gram_errors(x, acts, W_dec, b_dec).double(), slow, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("ends", [[7], [1, 7], [2, 3, 5, 7], [1, 2, 3, 4, 5, 6, 7], [4]])
-def test_prefix_errors_matches_naive_loop(ends):
+def test_block_errors_matches_naive_loop(ends):
     x, acts, W_dec, b_dec = build_problem(seed=1)
     coef = torch.rand(len(ends), dtype=torch.float64)
     a1 = leaf_copies(acts, W_dec, b_dec)
-    fast = prefix_errors(x, *a1, torch.tensor(ends))
+    fast = mat._block_errors(x, *a1, torch.tensor(ends))
     a2 = leaf_copies(acts, W_dec, b_dec)
     slow = naive_prefix_errors(x, *a2, ends)
     assert fast.shape == (6, 3, len(ends))
@@ -277,28 +271,67 @@ def loss_weights(d_sae, inst, seed=0):
     return prefix_weights(cfg, d_sae, inst, torch.Generator().manual_seed(seed)).double()
 
 
-@pytest.mark.parametrize("force_blocks", [False, True])
-def test_matryoshka_recon_loss_matches_naive_weighted_mean(monkeypatch, force_blocks):
-    if force_blocks:
-        monkeypatch.setattr(mat, "_DENSE_PREFIX_LIMIT", 0)
+METHODS = ["loop", "gram", "blocks", "sparse", "auto"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_matches_naive_weighted_mean_values_and_gradients(method):
     x, acts, W_dec, b_dec = build_problem(seed=2)
     weights = loss_weights(7, 3)
     assert len({tuple(r.tolist()) for r in weights}) > 1  # instances use different prefixes
     a1 = leaf_copies(acts, W_dec, b_dec)
-    fast = matryoshka_recon_loss(x, *a1, weights)
+    fast = matryoshka_loss(x, *a1, weights, method=method)
     a2 = leaf_copies(acts, W_dec, b_dec)
     slow = naive_weighted_loss(x, *a2, weights)
     assert fast.shape == (3,)
     torch.testing.assert_close(fast, slow, atol=1e-10, rtol=1e-10)
     fast.sum().backward()
     slow.sum().backward()
+    if method == "sparse":  # exact at the active latents, reported as 0 at the inactive ones
+        active = acts != 0
+        assert (a1[0].grad[~active] == 0).all()
+        a2[0].grad[~active] = 0
     for t1, t2, name in zip(a1, a2, ("acts", "W_dec", "b_dec")):
         torch.testing.assert_close(t1.grad, t2.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
-def test_matryoshka_recon_loss_full_prefix_only_is_plain_mse():
+@pytest.mark.parametrize("method", METHODS)
+def test_full_prefix_only_is_plain_mse(method):
     x, acts, W_dec, b_dec = build_problem(seed=3)
     weights = torch.zeros(3, 7, dtype=torch.float64)
     weights[:, -1] = 1.0
     expected = (x - torch.einsum("bis,isd->bid", acts, W_dec) - b_dec).pow(2).sum(-1).mean(0)
-    torch.testing.assert_close(matryoshka_recon_loss(x, acts, W_dec, b_dec, weights), expected)
+    torch.testing.assert_close(matryoshka_loss(x, acts, W_dec, b_dec, weights, method=method), expected)
+
+
+def test_auto_rule_picks_each_method(monkeypatch):
+    x, acts, W_dec, b_dec = build_problem(seed=4)  # d_sae 7 > d_in 4, ReLU-like acts
+    every = torch.full((3, 7), 1 / 7, dtype=torch.float64)
+    assert mat._auto_method(x, acts, every, None) == "gram"  # small problem
+    assert mat._auto_method(x, acts, every, torch.ones_like(acts)) == "gram"  # per-term weights
+    monkeypatch.setattr(mat, "_DENSE_PREFIX_LIMIT", 0)  # as if the problem were large
+    assert mat._auto_method(x, acts, every, None) == "sparse"  # row L0 <= 6 < 7 chosen lengths
+    dense = acts + 1.0  # every latent active: L0 7, not below 7 chosen lengths
+    assert mat._auto_method(x, dense, every, None) == "blocks"
+    assert mat._auto_method(x, dense, every, torch.ones_like(acts)) == "gram"
+    wide_in = torch.randn(6, 3, 7, dtype=torch.float64)  # d_sae <= d_in keeps the Gram path
+    assert mat._auto_method(wide_in, dense, every, None) == "gram"
+
+
+def test_bad_arguments_raise():
+    x, acts, W_dec, b_dec = build_problem(seed=5)
+    w = torch.full((3, 7), 1 / 7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="method"):
+        matryoshka_loss(x, acts, W_dec, b_dec, w, method="fast")
+    with pytest.raises(ValueError, match="sparse"):
+        matryoshka_loss(x, acts, W_dec, b_dec, w, keep=torch.ones_like(acts), method="sparse")
+    with pytest.raises(ValueError, match="weights"):
+        matryoshka_loss(x, acts, W_dec, b_dec, w[:, :4])
+    with pytest.raises(ValueError, match="W_dec"):
+        matryoshka_loss(x, acts, W_dec[:, :4], b_dec, w)
+    with pytest.raises(ValueError, match="share batch"):
+        matryoshka_loss(x[:3], acts, W_dec, b_dec, w)
+    with pytest.raises(ValueError, match="inner_grad_scale"):
+        matryoshka_loss(x, acts, W_dec, b_dec, w, inner_grad_scale=torch.zeros(2))
+    with pytest.raises(ValueError, match="keep"):
+        matryoshka_loss(x, acts, W_dec, b_dec, w, keep=torch.ones_like(acts)[:, :1])

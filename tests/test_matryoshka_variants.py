@@ -1,6 +1,6 @@
 """Tests for the Matryoshka variants in saelib.matryoshka (inner-loss weights, gradient routing
-into inner latents, per-term masks, the parent-in / child-out terms, the decoder-gradient probe)
-and for per-instance configs in saelib.train.
+into inner latents, per-term masks), the seed-000 probes in saelib.matryoshka_probes (the
+parent-in / child-out terms, the decoder-gradient probe) and per-instance configs in saelib.train.
 
 Gradients are checked against a naive loop that decodes every prefix with explicit
 ``detach`` on the inner latents; expected weights are worked out by hand.
@@ -9,21 +9,18 @@ Gradients are checked against a naive loop that decodes every prefix with explic
 import pytest
 import torch
 
+import saelib.matryoshka as mat
 from saelib.matryoshka import (
     MatryoshkaConfig,
     PerInstanceMatryoshka,
-    SplitTermMask,
     batched_prefix_weights,
     expected_prefix_weights,
     latent_weights,
-    matryoshka_recon_loss,
-    matryoshka_variant_loss,
-    parent_child_split_terms,
-    prefix_term_gradient,
+    matryoshka_loss,
     prefix_weights,
     previous_prefix,
-    routed_prefix_errors,
 )
+from saelib.matryoshka_probes import SplitTermMask, parent_child_split_terms, prefix_term_gradient
 from saelib.sae import SAE, SAEConfig
 from saelib.toy_data import FeatureNode, HierarchySpec, ToyHierarchy, nabeshima_tree
 from saelib.train import TrainConfig, train_sae
@@ -49,9 +46,9 @@ def sparse_weights(inst_lengths, d_sae):
     return w / w.sum(-1, keepdim=True)
 
 
-def naive_routed_loss(x, acts, W_dec, b_dec, weights, gamma):
-    """sum_m w_m mean_b ||x - b - sum_{j<m} c_j||² with c_j (j < prev chosen length) passing only
-    gamma of its gradient, written with explicit loops."""
+def naive_routed_loss(x, acts, W_dec, b_dec, weights, gamma, keep=None):
+    """sum_m w_m mean_b keep[b, m] ||x - b - sum_{j<m} c_j||² with c_j (j < prev chosen length)
+    passing only gamma of its gradient, written with explicit loops."""
     batch, inst, d_sae = acts.shape
     total = []
     for i in range(inst):
@@ -66,7 +63,8 @@ def naive_routed_loss(x, acts, W_dec, b_dec, weights, gamma):
                     if j < prev:
                         c = gamma[i] * c + (1 - gamma[i]) * c.detach()
                     recon = recon + c
-                loss_i = loss_i + weights[i, m - 1] * (x[b, i] - recon).pow(2).sum() / batch
+                k_bm = 1.0 if keep is None else keep[b, i, m - 1]
+                loss_i = loss_i + weights[i, m - 1] * k_bm * (x[b, i] - recon).pow(2).sum() / batch
         total.append(loss_i)
     return torch.stack(total)
 
@@ -150,30 +148,54 @@ def test_latent_weights_routed_by_hand():
                                                         1 / 6 + 0.5 * 2 / 6, 1 / 6 + 0.5 / 6, 1 / 6], dtype=D))
 
 
-@pytest.mark.parametrize("impl", ["fast", "dense"])
-def test_routed_gradients_match_naive_loop(impl):
+def assert_grads_close(grads, ref_grads, acts, method):
+    ref_grads = list(ref_grads)
+    if method == "sparse":  # exact at the active latents (inactive ones pass no gradient on)
+        grads = list(grads)
+        grads[1] = torch.where(acts == 0, torch.zeros_like(grads[1]), grads[1])
+        ref_grads[1] = torch.where(acts == 0, torch.zeros_like(ref_grads[1]), ref_grads[1])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+@pytest.mark.parametrize("method", ["loop", "gram", "blocks", "sparse", "auto", "routed errors"])
+def test_routed_gradients_match_naive_loop(method):
     x, acts, W_dec, b_dec = build_problem()
     weights = sparse_weights([[2, 3, 6], [1, 2, 3, 4, 5, 6], [4, 6]], 6)
     gamma = torch.tensor([0.0, 0.3, 0.7], dtype=D)
     ref_val, ref_grads = grads_of(lambda *t: naive_routed_loss(*t, weights, gamma), (x, acts, W_dec, b_dec))
-    if impl == "fast":
-        fn = lambda *t: matryoshka_variant_loss(*t, weights, gamma)  # noqa: E731
+    if method == "routed errors":  # the explicit-decode kernel used when keep drops routed terms
+        fn = lambda *t: (mat._routed_errors(*t, weights, gamma).mean(0) * weights).sum(-1)  # noqa: E731
     else:
-        fn = lambda *t: (routed_prefix_errors(*t, weights, gamma).mean(0) * weights).sum(-1)  # noqa: E731
+        fn = lambda *t: matryoshka_loss(*t, weights, gamma, method=method)  # noqa: E731
     val, grads = grads_of(fn, (x, acts, W_dec, b_dec))
     torch.testing.assert_close(val, ref_val)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    assert_grads_close(grads, ref_grads, acts, method)
+
+
+@pytest.mark.parametrize("method", ["loop", "gram", "blocks", "auto"])
+def test_routed_gradients_with_dropped_terms_match_naive_loop(method):
+    x, acts, W_dec, b_dec = build_problem(seed=7)
+    weights = sparse_weights([[2, 3, 6], [1, 2, 3, 4, 5, 6], [4, 6]], 6)
+    gamma = torch.tensor([0.0, 1.0, 0.5], dtype=D)
+    keep = torch.ones(5, 3, 6, dtype=D)
+    keep[1, 0, 2] = 0.0  # instance 0 (routed) drops a term: explicit decodes
+    keep[3, 1, 0] = 0.0  # instance 1 (plain) drops a term
+    keep[0, 2, 5] = 0.25  # instance 2 (routed) weights a term
+    ref_val, ref_grads = grads_of(lambda *t: naive_routed_loss(*t, weights, gamma, keep), (x, acts, W_dec, b_dec))
+    val, grads = grads_of(lambda *t: matryoshka_loss(*t, weights, gamma, keep, method=method), (x, acts, W_dec, b_dec))
+    torch.testing.assert_close(val, ref_val)
+    assert_grads_close(grads, ref_grads, acts, method)
 
 
 def test_routing_leaves_value_unchanged_and_gamma_one_is_plain():
     x, acts, W_dec, b_dec = build_problem(seed=3)
     weights = sparse_weights([[1, 6], [3, 5, 6], [6]], 6)
-    plain_val, plain_grads = grads_of(lambda *t: matryoshka_recon_loss(*t, weights), (x, acts, W_dec, b_dec))
-    zero_val, _ = grads_of(lambda *t: matryoshka_variant_loss(*t, weights, torch.zeros(3, dtype=D)), (x, acts, W_dec, b_dec))
+    plain_val, plain_grads = grads_of(lambda *t: matryoshka_loss(*t, weights), (x, acts, W_dec, b_dec))
+    zero_val, _ = grads_of(lambda *t: matryoshka_loss(*t, weights, torch.zeros(3, dtype=D)), (x, acts, W_dec, b_dec))
     torch.testing.assert_close(zero_val, plain_val)
     one_val, one_grads = grads_of(
-        lambda *t: matryoshka_variant_loss(*t, weights, torch.tensor([1.0, 0.0, 1.0], dtype=D)), (x, acts, W_dec, b_dec)
+        lambda *t: matryoshka_loss(*t, weights, torch.tensor([1.0, 0.0, 1.0], dtype=D)), (x, acts, W_dec, b_dec)
     )
     torch.testing.assert_close(one_val, plain_val)
     # instances 0 and 2 (gamma 1) keep the plain gradient; instance 1 (gamma 0) does not
@@ -187,7 +209,7 @@ def test_stop_gradient_cuts_inner_latents_from_outer_losses():
     # prefixes 1 and 6: with gamma 0 latent 0 only learns from the prefix-1 loss
     x, acts, W_dec, b_dec = build_problem(inst=1)
     weights = sparse_weights([[1, 6]], 6)
-    _, g_cut = grads_of(lambda *t: matryoshka_variant_loss(*t, weights, torch.zeros(1, dtype=D)), (x, acts, W_dec, b_dec))
+    _, g_cut = grads_of(lambda *t: matryoshka_loss(*t, weights, torch.zeros(1, dtype=D)), (x, acts, W_dec, b_dec))
 
     def prefix_one_loss(x, acts, W_dec, b_dec):  # w_1 mean_b ||x - b_dec - a_0 W_dec[0]||²
         return weights[:, 0] * (x - b_dec - acts[..., :1] * W_dec[:, 0]).pow(2).sum(-1).mean(0)
@@ -201,16 +223,16 @@ def test_keep_mask_weights_terms():
     x, acts, W_dec, b_dec = build_problem(batch=4, inst=2)
     weights = sparse_weights([[2, 6], [1, 3, 6]], 6)
     keep = torch.ones(4, 2, 6, dtype=D)
-    torch.testing.assert_close(matryoshka_variant_loss(x, acts, W_dec, b_dec, weights, keep=keep),
-                               matryoshka_recon_loss(x, acts, W_dec, b_dec, weights))
+    torch.testing.assert_close(matryoshka_loss(x, acts, W_dec, b_dec, weights, keep=keep),
+                               matryoshka_loss(x, acts, W_dec, b_dec, weights))
     keep[1, 0, 1] = 0.0  # drop sample 1's prefix-2 term in instance 0
-    dropped = matryoshka_variant_loss(x, acts, W_dec, b_dec, weights, keep=keep)
+    dropped = matryoshka_loss(x, acts, W_dec, b_dec, weights, keep=keep)
     err = (x[1, 0] - b_dec[0] - acts[1, 0, :2] @ W_dec[0, :2]).pow(2).sum()
-    full = matryoshka_recon_loss(x, acts, W_dec, b_dec, weights)
+    full = matryoshka_loss(x, acts, W_dec, b_dec, weights)
     torch.testing.assert_close(dropped[0], full[0] - weights[0, 1] * err / 4)
     torch.testing.assert_close(dropped[1], full[1])
     with pytest.raises(ValueError, match="keep must have shape"):
-        matryoshka_variant_loss(x, acts, W_dec, b_dec, weights, keep=keep[:, :1])
+        matryoshka_loss(x, acts, W_dec, b_dec, weights, keep=keep[:, :1])
 
 
 # ---------------------------------------------------------------------------- split terms

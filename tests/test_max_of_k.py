@@ -200,3 +200,107 @@ def test_plot_max_histograms_drops_dead_rows():
     img = fig.axes[0].images[0].get_array()
     assert img.shape == (2, 3)
     assert img[0].tolist() == [1.0, 0.0, 0.0]  # sorted by mean max: 0.0 then 1.5
+
+
+# ---------------------------------------------------------------------------- split nesting and coverage
+import networkx as nx
+
+from saelib import feature_trees as ft
+
+
+def _rows(*masses: dict[int, float], n_values: int = 8) -> torch.Tensor:
+    """``[len(masses), n_values]`` histogram rows from ``{maximum: mass}`` dicts."""
+    h = torch.zeros(len(masses), n_values)
+    for i, m in enumerate(masses):
+        for v, w in m.items():
+            h[i, v] = w
+    return h
+
+
+# level 0: A on maxima 0-3, B on 4-7 (0.25 each: the shortest range holding 0.8 is all four);
+# level 1: c0 on 0, c1 on 1-2, c2 on 5, c3 on 6-7
+HISTS = [_rows({0: .25, 1: .25, 2: .25, 3: .25}, {4: .25, 5: .25, 6: .25, 7: .25}),
+         _rows({0: 1.0}, {1: .5, 2: .5}, {5: 1.0}, {6: .5, 7: .5})]
+A, B = (0, 0), (0, 1)
+C = [(1, j) for j in range(4)]
+
+
+def test_nested_tree_scores_one():
+    s = mk.split_nesting([(A, C[0]), (A, C[1]), (B, C[2]), (B, C[3])], HISTS)
+    assert s.n_links == 4 and s.fraction_nested == 1.0 and s.fraction_range_nested == 1.0
+    assert s.violations == [] and s.by_level == {0: 1.0}
+    assert s.parent_range.tolist() == [[0, 3], [0, 3], [4, 7], [4, 7]]
+    assert s.inside_mass.tolist() == [1.0] * 4
+
+
+def test_one_crossing_link_scores_n_minus_one_over_n_and_is_named():
+    g = nx.DiGraph([(A, C[0]), (A, C[1]), (A, C[2]), (B, C[3])])  # c2 (max 5) hangs under A (0-3)
+    s = mk.split_nesting(g, HISTS)
+    assert s.fraction_nested == 3 / 4
+    assert s.links[2] == (A, C[2]) and s.nested.tolist() == [True, True, False, True]
+    (v,) = s.violations
+    assert (v.parent, v.child, v.parent_range, v.child_range) == (A, C[2], (0, 3), (5, 5))
+    assert (v.inside_mass, v.mass_below, v.mass_above, v.side) == (0.0, 0.0, 1.0, "above")
+    assert v.child_mean == 5.0 and v.distance == 2.0  # 5 is two maxima above the range's end 3
+    assert v.describe() == "0/0 (max 0-3) -> 1/2 (max 5): 1.00 of its mass above, mean max 5.0"
+
+
+def test_mass_criterion_and_range_criterion():
+    # child straddling the parent's upper end: half its mass on 3 (inside), half on 4 (outside)
+    hists = [HISTS[0], _rows({3: .5, 4: .5}, {3: .85, 4: .15}, {0: .25, 1: .25, 2: .25, 3: .25})]
+    s = mk.split_nesting([(A, (1, 0)), (A, (1, 1)), (A, (1, 2))], hists)
+    assert s.inside_mass.tolist() == pytest.approx([0.5, 0.85, 1.0])
+    assert s.nested.tolist() == [False, True, True]  # a copy of the parent (1, 2) is nested
+    assert s.range_nested.tolist() == [False, True, True]  # (1, 1)'s 0.8-range is [3, 3]
+    assert mk.split_nesting([(A, (1, 1))], hists, nested_mass=0.9).fraction_nested == 0.0
+
+
+def test_nesting_on_a_dag_built_from_indicator_latents():
+    # maxima 0..7 equally often; width 2: "max < 4" and "max >= 4"; width 8: one latent per maximum.
+    # Directed MCS of a right parent is 1, of the wrong one 0: the DAG is the nested tree.
+    m = torch.arange(8).repeat(50)
+    a0 = torch.stack([(m < 4), (m >= 4)], -1).float()
+    a1 = torch.nn.functional.one_hot(m, 8).float()
+    dag = ft.build_feature_dag([a0, a1])
+    hists = [mk.activation_histogram(a, m, 8) for a in (a0, a1)]
+    s = mk.split_nesting(ft.best_parent_tree(dag), hists)
+    assert s.n_links == 8 and s.fraction_nested == 1.0
+    assert [p for p, _ in s.links] == [A] * 4 + [B] * 4
+
+
+def test_split_nesting_edge_cases_and_errors():
+    empty = mk.split_nesting([], HISTS)
+    assert empty.n_links == 0 and math.isnan(empty.fraction_nested) and empty.by_level == {}
+    dead = [HISTS[0], torch.cat([HISTS[1], torch.zeros(1, 8)])]
+    with pytest.raises(ValueError, match="dead latent"):
+        mk.split_nesting([(A, (1, 4))], dead)
+    with pytest.raises(ValueError, match="no histogram row"):
+        mk.split_nesting([(A, (2, 0))], HISTS)
+    with pytest.raises(ValueError, match="range_mass"):
+        mk.split_nesting([], HISTS, range_mass=0.0)
+    with pytest.raises(ValueError, match="nested_mass"):
+        mk.split_nesting([], HISTS, nested_mass=1.5)
+    with pytest.raises(ValueError, match="one n_values"):
+        mk.split_nesting([], [HISTS[0], torch.zeros(2, 9)])
+
+
+def test_maxima_coverage_by_hand():
+    # every pair of tokens in [0, 8): maximum m occurs 2m + 1 times
+    tokens = torch.tensor(list(itertools.product(range(8), repeat=2)))
+    mx = mk.ground_truth(tokens)["max"]
+    acts = torch.zeros(len(tokens), 9)
+    for k in range(5):
+        acts[:, k] = (mx == k).float()  # dedicated to maxima 0..4
+    acts[:, 5] = (mx == 2).float()  # a second latent for maximum 2
+    acts[:, 6] = (mx >= 5).float() / (2 * mx + 1).float()  # coarse: 1/3 of its mass on each of 5, 6, 7
+    # latents 7 and 8 are dead
+    labels = mk.label_latents(acts, tokens, 8)
+    cov = mk.maxima_coverage(labels, 8, purity=0.5)
+    assert cov.dedicated.tolist() == [1, 1, 2, 1, 1, 0, 0, 0]
+    assert (cov.covered, cov.exactly_one, cov.uncovered, cov.fraction) == (5, 4, [5, 6, 7], 5 / 8)
+    assert cov.covered == mk.summarize_labels(labels, 0.5)["maxima_covered"]
+    assert mk.maxima_coverage(labels, 8, purity=0.3).covered == 6  # the coarse latent (1/3 > 0.3) counts
+    with pytest.raises(ValueError, match="purity"):
+        mk.maxima_coverage(labels, 8, purity=1.0)
+    with pytest.raises(ValueError, match="d_vocab"):
+        mk.maxima_coverage(labels, 0)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import saelib.persistence
-from saelib.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, load_sae_lens, save_instances, save_sae
+from saelib.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, sae_lens_folder, save_instances, save_sae
 from saelib.sae import SAE, SAEConfig
 
 D_IN, D_SAE, N_INST, INST = 6, 10, 3, 2
@@ -124,7 +124,7 @@ def test_untrained_batchtopk_is_saelib_only(tmp_path, sae_lens):
     with pytest.raises(KeyError):
         sae_lens.SAE.load_from_disk(folder)
     with pytest.raises(ValueError, match="BatchTopK SAE whose inference threshold is not set.*saelib.persistence.load_sae"):
-        load_sae_lens(folder)
+        sae_lens_folder(folder)
 
 
 def test_topk_transcoder_is_saelib_only(tmp_path, sae_lens):
@@ -134,23 +134,25 @@ def test_topk_transcoder_is_saelib_only(tmp_path, sae_lens):
     with pytest.raises(KeyError):
         sae_lens.SAE.load_from_disk(folder)
     with pytest.raises(ValueError, match="TopK transcoder.*no TopK transcoder"):
-        load_sae_lens(folder)
+        sae_lens_folder(folder)
 
 
 @pytest.mark.parametrize("case", ["relu", "topk", "batchtopk", "transcoder"])
-def test_load_sae_lens_opens_what_sae_lens_can(tmp_path, sae_lens, case):
+def test_sae_lens_folder_passes_what_sae_lens_can_open(tmp_path, sae_lens, case):
     kwargs, sae_lens_class = CASES[case]
     sae = build_sae(**kwargs)
-    loaded = load_sae_lens(save_sae(sae, tmp_path / "sae", instance=INST))
+    folder = save_sae(sae, tmp_path / "sae", instance=INST)
+    assert sae_lens_folder(folder) == str(folder)
+    loaded = sae_lens.SAE.load_from_disk(sae_lens_folder(folder))
     assert type(loaded).__name__ == sae_lens_class
     x = torch.randn(32, D_IN)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode(x), sae.encode(x)[:, INST])
 
 
-def test_load_sae_lens_missing_folder(tmp_path):
+def test_sae_lens_folder_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_sae_lens(tmp_path / "nowhere")
+        sae_lens_folder(tmp_path / "nowhere")
 
 
 def test_use_b_dec_false_round_trip(tmp_path):

@@ -128,6 +128,22 @@ class _FlatNode:
     children: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _SamplingPlan:
+    """See :meth:`ToyHierarchy._build_sampling_plan`."""
+
+    n_rows: int
+    fire_row: Tensor  # [n_features] long: the uniform row each feature's firing test reads
+    lo: Tensor  # [n_features] float32: fires when lo <= u < hi (and its parent fires)
+    hi: Tensor
+    levels: list[tuple[Tensor, Tensor]]  # per depth >= 1: (features, their parents)
+    magnitude: Tensor  # [n_features] float32 fixed magnitudes (0 where drawn)
+    mag_nodes: Tensor  # [n_drawn] long: features whose magnitude is Uniform(lo, hi)
+    mag_row: Tensor  # [n_drawn] long: their uniform rows
+    mag_lo: Tensor  # [n_drawn] float32
+    mag_span: Tensor  # [n_drawn] float32: hi - lo
+
+
 class ToyHierarchy:
     """A validated, seeded toy hierarchy: feature directions, sampling and analytic statistics.
 
@@ -169,6 +185,7 @@ class ToyHierarchy:
         self.parent_index = torch.tensor([f.parent for f in self._flat], dtype=torch.long)
         self.firing_prob = torch.tensor(self._firing_probs(), dtype=torch.float64)
         self.names = self._names()
+        self._sampling_plan = self._build_sampling_plan()
 
     # ------------------------------------------------------------------ structure
     def _flatten(self, node: FeatureNode, parent: int, depth: int) -> None:
@@ -178,6 +195,59 @@ class ToyHierarchy:
             self._flat[parent].children.append(idx)
         for child in node.children:
             self._flatten(child, idx, depth + 1)
+
+    def _build_sampling_plan(self) -> _SamplingPlan:
+        """Index tensors that turn one ``torch.rand(n_rows, batch)`` into a batch of coefficients.
+
+        The rows are the draws of this procedure, in order: for each feature in depth-first
+        order, a root draws one uniform per sample (it fires when ``u < p``); a feature with
+        independent children then draws one row per child (child fires when its parent fires
+        and ``u < p_child``); one with exclusive children draws a single row (child ``k`` fires
+        when its parent fires and ``u`` falls in ``[cumsum(p)[k-1], cumsum(p)[k])``, so at most
+        one does, and none with probability ``1 - sum(p)``). Then each feature with a
+        ``(lo, hi)`` magnitude draws one row (``lo + (hi - lo) * u``). Thresholds are float32,
+        as the comparisons of a float32 uniform with them are.
+        """
+        n = self.n_features
+        fire_row = [0] * n
+        lo = [-math.inf] * n
+        hi = [0.0] * n
+        row = 0
+        for i, f in enumerate(self._flat):
+            if f.parent < 0:
+                fire_row[i], hi[i] = row, f.node.p
+                row += 1
+            if f.node.exclusive_children and f.children:
+                edges = torch.cumsum(torch.tensor([self._flat[c].node.p for c in f.children]), 0).tolist()
+                for k, c in enumerate(f.children):
+                    fire_row[c], lo[c], hi[c] = row, (edges[k - 1] if k else -math.inf), edges[k]
+                row += 1
+            else:
+                for c in f.children:
+                    fire_row[c], hi[c] = row, self._flat[c].node.p
+                    row += 1
+        mag_nodes = [i for i, f in enumerate(self._flat) if isinstance(f.node.magnitude, tuple)]
+        ranges = [self._flat[i].node.magnitude for i in mag_nodes]
+        depth = max(f.depth for f in self._flat)
+        levels = []
+        for d in range(1, depth + 1):
+            nodes = [i for i, f in enumerate(self._flat) if f.depth == d]
+            levels.append((torch.tensor(nodes), self.parent_index[nodes]))
+        return _SamplingPlan(
+            n_rows=row + len(mag_nodes),
+            fire_row=torch.tensor(fire_row),
+            lo=torch.tensor(lo, dtype=torch.float32),
+            hi=torch.tensor(hi, dtype=torch.float32),
+            levels=levels,
+            magnitude=torch.tensor(
+                [0.0 if isinstance(f.node.magnitude, tuple) else f.node.magnitude for f in self._flat],
+                dtype=torch.float32,
+            ),
+            mag_nodes=torch.tensor(mag_nodes, dtype=torch.long),
+            mag_row=torch.arange(row, row + len(mag_nodes)),
+            mag_lo=torch.tensor([a for a, _ in ranges], dtype=torch.float32),
+            mag_span=torch.tensor([b - a for a, b in ranges], dtype=torch.float32),
+        )
 
     def _firing_probs(self) -> list[float]:
         probs: list[float] = []
@@ -311,33 +381,19 @@ class ToyHierarchy:
             raise TypeError(f"batch (the number of samples) must be an int, got {batch!r}") from None
         if batch < 0:
             raise ValueError(f"batch (the number of samples) must be >= 0, got {batch}")
-        n = self.n_features
-        fires = torch.zeros(batch, n, dtype=torch.bool)
-        for i, f in enumerate(self._flat):
-            if f.parent < 0:
-                fires[:, i] = torch.rand(batch, generator=generator) < f.node.p
-            if not f.children:
-                continue
-            if f.node.exclusive_children:
-                probs = torch.tensor([self._flat[c].node.p for c in f.children])
-                edges = torch.cumsum(probs, 0)
-                u = torch.rand(batch, 1, generator=generator)
-                pick = (u >= edges).sum(dim=1)  # index of chosen child, len(children) = none
-                for k, c in enumerate(f.children):
-                    fires[:, c] = fires[:, i] & (pick == k)
-            else:
-                for c in f.children:
-                    draw = torch.rand(batch, generator=generator) < self._flat[c].node.p
-                    fires[:, c] = fires[:, i] & draw
-        mags = torch.empty(batch, n)
-        for i, f in enumerate(self._flat):
-            m = f.node.magnitude
-            if isinstance(m, tuple):
-                lo, hi = m
-                mags[:, i] = lo + (hi - lo) * torch.rand(batch, generator=generator)
-            else:
-                mags[:, i] = m
-        return fires.float() * mags
+        plan = self._sampling_plan
+        # every uniform the tree needs, in one call: row r is the r-th batch of draws of the
+        # rule-by-rule procedure in _build_sampling_plan's docstring (the CPU generator fills a
+        # tensor in order, so this equals those calls made one after another)
+        u = torch.rand(plan.n_rows, batch, generator=generator)
+        v = u[plan.fire_row]  # [n_features, batch]
+        fires = (v >= plan.lo[:, None]) & (v < plan.hi[:, None])
+        for nodes, parents in plan.levels:  # a child fires only where its parent fires
+            fires[nodes] &= fires[parents]
+        mags = plan.magnitude[:, None].expand(-1, batch).clone()
+        if len(plan.mag_nodes):
+            mags[plan.mag_nodes] = plan.mag_lo[:, None] + plan.mag_span[:, None] * u[plan.mag_row]
+        return (fires.float() * mags).T.contiguous()
 
     def sample(
         self, batch: int, generator: torch.Generator

@@ -118,8 +118,10 @@ class TrainConfig:
         instance_ids: with ``independent_instances``, the id of each instance whose generators
             it uses (distinct ids give unrelated streams); None means ``0 .. n_inst - 1``. Lets a
             run stand in for instances of a larger one: ``instance_ids=[3]`` retrains instance 3
-            alone, ``[0, 1]`` the first two instances of any run with the same seed. Its length
-            must be ``n_inst`` (checked by :func:`train_sae`).
+            alone, ``[0, 1]`` the first two instances of any run with the same seed. Ids may
+            repeat: instances with one id see the same data (drawn once per step, so a sweep of
+            several settings per seed costs one data draw per seed) and the same prefix and
+            resampling draws. Its length must be ``n_inst`` (checked by :func:`train_sae`).
         progress: show a tqdm progress bar.
         retain_cpu_memory: opt-in (default False). On Linux with glibc and an SAE on the CPU,
             keep freed memory in the process heap (see :func:`retain_freed_cpu_memory`): glibc
@@ -378,10 +380,15 @@ def _instance_generators(seed: int, instance_ids: Sequence[int], stream: int) ->
 
 
 def _stacked_batch(
-    sample: Callable[[int, torch.Generator], Any], batch_size: int, generators: list[torch.Generator], step: int
+    sample: Callable[[int, torch.Generator], Any],
+    batch_size: int,
+    generators: list[torch.Generator],
+    step: int,
+    index: list[int] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """One batch per instance, each drawn with that instance's generator, stacked along the
-    instance axis: ``[batch, inst, d]`` (a pair of them for ``(inputs, targets)`` data).
+    """One batch per generator, stacked along the instance axis: ``[batch, inst, d]`` (a pair of
+    them for ``(inputs, targets)`` data); with ``index``, instance ``i`` gets the batch of
+    ``generators[index[i]]`` (instances that share an id share one draw).
 
     Raises ValueError if the data function returns anything but one instance's ``[batch, d]``.
     """
@@ -394,6 +401,8 @@ def _stacked_batch(
                     f"instance with that instance's generator and must return one instance's batch "
                     f"[batch, d], got shape {tuple(t.shape)} at step {step}"
                 )
+    if index is not None:
+        parts = [parts[j] for j in index]
     if isinstance(parts[0], tuple):
         return tuple(torch.stack(ts, dim=1) for ts in zip(*parts))  # type: ignore[return-value]
     return torch.stack(parts, dim=1)
@@ -510,6 +519,9 @@ class _Streams:
     data: torch.Generator | list[torch.Generator]
     prefix: torch.Generator | list[torch.Generator]
     resample: torch.Generator | list[torch.Generator]
+    # independent instances whose ids repeat: one data generator per distinct id, and the
+    # position of each instance's generator in ``data`` (None when every id is distinct)
+    data_index: list[int] | None = None
 
 
 def _streams(cfg: TrainConfig, n_inst: int) -> _Streams:
@@ -518,7 +530,12 @@ def _streams(cfg: TrainConfig, n_inst: int) -> _Streams:
         ids = list(range(n_inst)) if cfg.instance_ids is None else list(cfg.instance_ids)
         if len(ids) != n_inst:
             raise ValueError(f"TrainConfig.instance_ids has {len(ids)} ids but n_inst={n_inst}")
-        return _Streams(*(_instance_generators(cfg.seed, ids, s) for s in (_DATA_STREAM, _PREFIX_STREAM, _RESAMPLE_STREAM)))
+        distinct = list(dict.fromkeys(ids))  # an id's data stream is drawn once per step and shared
+        return _Streams(
+            _instance_generators(cfg.seed, distinct, _DATA_STREAM),
+            *(_instance_generators(cfg.seed, ids, s) for s in (_PREFIX_STREAM, _RESAMPLE_STREAM)),
+            data_index=None if len(distinct) == len(ids) else [distinct.index(i) for i in ids],
+        )
     # prefix sampling and dead-latent resampling draw from their own streams, so that neither
     # changes the data any instance sees
     return _Streams(
@@ -538,7 +555,7 @@ def _next_batch(
     Raises ValueError if a transcoder's data function returns one tensor, or as :func:`_stacked_batch`.
     """
     if cfg.independent_instances:
-        batch = _stacked_batch(sample, cfg.batch_size, streams.data, step)  # type: ignore[arg-type]
+        batch = _stacked_batch(sample, cfg.batch_size, streams.data, step, streams.data_index)  # type: ignore[arg-type]
     else:
         batch = sample(cfg.batch_size, streams.data)
     if isinstance(batch, tuple):

@@ -364,6 +364,33 @@ def test_data_streams_shared_by_default_and_per_instance_when_independent():
     assert torch.equal(lone[0], first[2])
 
 
+def test_repeated_instance_ids_share_one_data_draw_and_train_alike():
+    """Instances with one id (``instance_ids=[0, 1, 0, 1]``) get one data call per distinct id per
+    step and the same data and prefix draws: started from the same weights, instance 2 ends
+    equal to instance 0 and 3 to 1 (float64, to the 1e-9 of the tests above: batched kernels
+    may round instance slices differently), while 0 and 1 differ by O(1)."""
+    calls: list = []
+
+    def data(batch, g):
+        calls.append(id(g))
+        return tree_data(batch, g).double()
+
+    two = SAE(build_sae_cfg(n_inst=2, dtype="float64"))
+    sae = SAE(build_sae_cfg(n_inst=4, dtype="float64"))
+    with torch.no_grad():
+        for name, t in list(two.named_parameters()) + list(two.named_buffers()):
+            getattr(sae, name).copy_(torch.cat([t, t]))
+    cfg = build_train_cfg(steps=60, independent_instances=True, instance_ids=[0, 1, 0, 1],
+                          matryoshka=MatryoshkaConfig(n_prefixes=4))
+    h = train_sae(sae, data, cfg).as_tensors()["mse"]
+    assert len(calls) == 2 * 60 and len(set(calls)) == 2
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        w = getattr(sae, name)
+        torch.testing.assert_close(w[2:], w[:2], atol=1e-9, rtol=0, msg=name)
+    torch.testing.assert_close(h[:, 2:], h[:, :2], atol=1e-9, rtol=0)
+    assert not torch.allclose(sae.W_enc[0], sae.W_enc[1], atol=1e-3)
+
+
 def test_independent_instances_checks():
     with pytest.raises(ValueError, match=r"instance_ids needs independent_instances=True"):
         TrainConfig(instance_ids=[0])

@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utils import get_act_name
 
+from . import feature_trees as ft
+
 __all__ = [
     "MaxOfKConfig",
     "SECONDARY_VARIABLES",
@@ -683,4 +685,79 @@ def maxima_coverage(labels: LatentLabels, d_vocab: int, purity: float = 0.5) -> 
         dedicated=dedicated, covered=covered, exactly_one=int((dedicated == 1).sum()),
         uncovered=torch.nonzero(dedicated == 0).flatten().tolist(), n_values=d_vocab,
         fraction=covered / d_vocab, purity=purity,
+    )
+
+
+@dataclass
+class SplitRun:
+    """One seed's SAEs across widths, analysed as notebook 05 does (see :func:`analyse_split_run`).
+
+    Attributes:
+        widths: the SAE widths, narrowest first (level ``l`` of the graphs is ``widths[l]``).
+        labels: per width, the :class:`LatentLabels` of its latents.
+        summary: per width, :func:`summarize_labels` plus ``"distinct"`` (groups of latents that
+            are not duplicates, :func:`saelib.feature_trees.duplicate_groups`).
+        dag: parent -> child links between consecutive widths (directed MCS >= threshold).
+        tree: the best-parent forest of ``dag``.
+        root: the narrowest-width node whose descendants at width ``d_vocab`` are dedicated to the
+            most distinct maxima; ``split_maxima`` those maxima (ascending).
+        nesting: :func:`split_nesting` of the best-parent tree.
+        coverage: :func:`maxima_coverage` at width ``d_vocab``.
+        chain: widths spanned by the longest parent -> child chain of ``tree``.
+    """
+
+    widths: list[int]
+    labels: dict[int, LatentLabels]
+    summary: dict[int, dict[str, float]]
+    dag: Any
+    tree: Any
+    root: tuple[int, int]
+    split_maxima: list[int]
+    nesting: SplitNesting
+    coverage: MaximaCoverage
+    chain: int
+
+    @property
+    def coarse_ratio(self) -> float:
+        """Median maxima per latent at the narrowest width over that at width ``d_vocab``."""
+        return self.summary[self.widths[0]]["median_span"] / self.summary[self.coverage.n_values]["median_span"]
+
+
+def analyse_split_run(
+    acts: Sequence[Float[Tensor, "n d_sae"]],
+    tokens: Int[Tensor, "n n_ctx"],
+    widths: Sequence[int],
+    d_vocab: int,
+    threshold: float = 0.6,
+    purity: float = 0.5,
+) -> SplitRun:
+    """Label one seed's SAEs (``acts[l]``: width ``widths[l]``'s decoder-norm-scaled activations
+    on ``tokens``), link consecutive widths by directed masked cosine similarity (Nabeshima;
+    :mod:`saelib.feature_trees`), and measure Gross's splitting claims (seed thread 001): how a
+    narrow latent splits into latents dedicated to single maxima, whether the split tree is
+    nested (:func:`split_nesting`), and how many maxima get a latent at width ``d_vocab``
+    (:func:`maxima_coverage`).
+
+    Raises ValueError if ``acts`` and ``widths`` differ in length, ``d_vocab`` is not one of the
+    widths, or as the functions called.
+    """
+    widths = list(widths)
+    if len(acts) != len(widths):
+        raise ValueError(f"got {len(acts)} activation tensors for {len(widths)} widths")
+    if d_vocab not in widths:
+        raise ValueError(f"d_vocab={d_vocab} must be one of the widths {widths}")
+    labels = {w: label_latents(a, tokens, d_vocab) for w, a in zip(widths, acts)}
+    summary = {w: {**summarize_labels(labels[w], purity), "distinct": len(ft.duplicate_groups(a))}
+               for w, a in zip(widths, acts)}
+    dag = ft.build_feature_dag(list(acts), threshold=threshold, labels=[labels[w].describe_all() for w in widths])
+    tree = ft.best_parent_tree(dag)
+    level_vocab, lab = widths.index(d_vocab), labels[d_vocab]
+    split = {r: sorted({int(lab.max_top[j]) for _, j in ft.descendants_at_level(tree, r, level_vocab)
+                        if lab.max_purity[j] > purity}) for r in sorted(n for n in tree if n[0] == 0)}
+    root = max(split, key=lambda r: len(split[r]))  # the first such root on ties
+    hists = [activation_histogram(a, ground_truth(tokens)["max"], d_vocab) for a in acts]
+    return SplitRun(
+        widths=widths, labels=labels, summary=summary, dag=dag, tree=tree, root=root, split_maxima=split[root],
+        nesting=split_nesting(tree, hists, labels[widths[0]].range_mass),
+        coverage=maxima_coverage(lab, d_vocab, purity), chain=len(ft.longest_chain(tree)),
     )

@@ -304,3 +304,27 @@ def test_maxima_coverage_by_hand():
         mk.maxima_coverage(labels, 8, purity=1.0)
     with pytest.raises(ValueError, match="d_vocab"):
         mk.maxima_coverage(labels, 0)
+
+
+def test_analyse_split_run_on_a_constructed_nested_split():
+    # sequences (0, m), each maximum m in 0..7 equally often; widths 2 -> 4 -> 8 of indicator
+    # latents: "max < 4" / ">= 4",
+    # then halves of those, then one latent per maximum. The split is nested by construction, every
+    # maximum gets exactly one width-8 latent, the chain spans all three widths, the first coarse
+    # latent splits into latents for maxima 0..3, and spans go 4 -> 1 (a coarse ratio of 4).
+    tokens = torch.stack([torch.zeros(400, dtype=torch.long), torch.arange(8).repeat(50)], -1)
+    mx = mk.ground_truth(tokens)["max"]
+    acts = [torch.stack([(mx // 4) == k for k in range(2)], -1).float(),
+            torch.stack([(mx // 2) == k for k in range(4)], -1).float(),
+            torch.nn.functional.one_hot(mx, 8).float()]
+    run = mk.analyse_split_run(acts, tokens, [2, 4, 8], d_vocab=8)
+    assert run.nesting.fraction_nested == 1.0 and run.nesting.n_links == 4 + 8
+    assert (run.coverage.covered, run.coverage.exactly_one) == (8, 8)
+    assert run.chain == 3
+    assert run.root == (0, 0) and run.split_maxima == [0, 1, 2, 3]
+    assert run.coarse_ratio == 4.0
+    assert [run.summary[w]["distinct"] for w in (2, 4, 8)] == [2, 4, 8]
+    with pytest.raises(ValueError, match="d_vocab=16 must be one of the widths"):
+        mk.analyse_split_run(acts, tokens, [2, 4, 8], d_vocab=16)
+    with pytest.raises(ValueError, match="3 activation tensors for 2 widths"):
+        mk.analyse_split_run(acts, tokens, [2, 4], d_vocab=4)

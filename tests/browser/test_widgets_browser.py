@@ -56,11 +56,11 @@ WIDGET_CALL = re.compile(r"\b(?:interact|interact_manual|interactive)\s*\(")
 # noticed). Constraints the notebooks put on them are kept: SHOW < N_SEEDS, D_VOCAB in WIDTHS,
 # SHOW_PENALTY / SHOW_COEFF in the swept lists, and N_SEEDS >= 2 where a widget slides over seeds.
 QUICK_OVERRIDES: dict[str, dict[str, object]] = {
-    "01": {"N_SEEDS": 2, "STEPS": 300},  # the interact_manual cell trains its own 5 000-step SAEs
+    "01": {"N_SEEDS": 2, "STEPS": 300, "RETRAIN_STEPS": 300},  # RETRAIN_STEPS: the interact_manual cell's own SAEs
     "02": {"Q_VALUES": [0.1, 0.5], "L1_VALUES": [1e-3, 0.1], "STEPS": 300, "MATRYOSHKA_STEPS": 300, "N_SEEDS": 2},
     "03": {"N_SEEDS": 2, "STEPS": 300, "HYP_STEPS": 100, "PROBE": 2_000, "ABS_SEEDS": 2, "ABS_STEPS": 100},
     "04": {"STEPS": 200, "N_SEEDS": 2, "TOPK_STEPS": 100},
-    "05": {"N_TEST": 2_000, "N_SAE_TRAIN": 5_000, "N_SAE_EVAL": 2_000, "WIDTHS": [8, 16, 64],
+    "05": {"N_TEST": 2_000, "N_SAE_TRAIN": 5_000, "N_SAE_EVAL": 2_000, "WIDTHS": [8, 16, 64], "N_SEEDS": 2,
            "L1_SWEEP": [0.3], "SAE_STEPS": 150},
     # language-model notebooks: on top of SAELIB_QUICK=1 (which the parameters cell reads)
     "06": {"LAYERS": (2, 23), "S_VALUES": (0, 4), "D_SAE": 256, "STEPS": 50, "BATCH": 128, "N_TRAIN_DOCS": 30,

@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utils import get_act_name
 
+from ..core.metrics import active
+
 __all__ = [
     "MaxOfKConfig",
     "SECONDARY_VARIABLES",
@@ -345,7 +347,7 @@ def label_latents(
     hist = activation_histogram(acts, gt["max"], d_vocab)  # [d_sae, d_vocab]
     purity, top = hist.max(-1)
     rng = max_range(hist, range_mass)
-    alive = (acts > 0).any(0)
+    alive = active(acts).any(0)
     secondary_values = {
         "query": (gt["query"], d_vocab),
         "nonmax": (gt["nonmax"] + 1, d_vocab + 1),  # -1 -> bin 0
@@ -379,7 +381,7 @@ def label_latents(
         secondary=secondary,
         secondary_top=secondary_top,
         alive=alive,
-        frequency=(acts > 0).float().mean(0),
+        frequency=active(acts).float().mean(0),
         range_mass=range_mass,
         gain_threshold=gain_threshold,
     )
@@ -467,7 +469,7 @@ def plot_max_histograms(hists: dict[str, Float[Tensor, "d_sae d_vocab"]], title:
 
 
 # ---------------------------------------------------------------------------- nesting of the split tree
-Node = tuple[int, int]  # (level, latent), as in saelib.feature_trees
+Node = tuple[int, int]  # (level, latent), as in saelib.experiments.feature_trees
 
 
 @dataclass(frozen=True)
@@ -563,8 +565,8 @@ def split_nesting(
 
     Args:
         links: the parent -> child links: a graph whose nodes are ``(level, latent)`` (e.g.
-            :func:`saelib.feature_trees.build_feature_dag` or its
-            :func:`~saelib.feature_trees.best_parent_tree`; its ``edges()`` are used), or an
+            :func:`saelib.experiments.feature_trees.build_feature_dag` or its
+            :func:`~saelib.experiments.feature_trees.best_parent_tree`; its ``edges()`` are used), or an
             iterable of ``(parent, child)`` node pairs.
         hists: per level, ``[d_sae_level, n_values]`` activation histograms over the maximum
             (:func:`activation_histogram` of that SAE's activations and

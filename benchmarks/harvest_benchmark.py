@@ -1,4 +1,4 @@
-"""Harvest throughput: saelib.activations.harvest_activations against a bare forward pass of the
+"""Harvest throughput: saelib.lm.activations.harvest_activations against a bare forward pass of the
 same model truncated at the same layer (``stop_at_layer``), on the same document-aligned rows and
 the same length batching. Both in one process, alternated, medians over repeats.
 
@@ -29,9 +29,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["SAELIB_CACHE_DIR"] = tempfile.mkdtemp(prefix="saelib-harvest-bench-")  # never read a cache
 
-    from saelib.activations import harvest_activations
-    from saelib.corpus import load_wiki_leads, split_documents, tokenize_documents
-    from saelib.lm import load_smollm2
+    from saelib.lm.activations import harvest_activations
+    from saelib.data.corpus import load_wiki_leads, split_documents, tokenize_documents
+    from saelib.lm.models import load_smollm2
 
     t0 = time.perf_counter()
     lm = load_smollm2()

@@ -17,7 +17,7 @@ Every measurement runs in a fresh subprocess (so peak memory is that measurement
 warm-up run first, then repeats; tables report medians. Both libraries are timed on the same
 pre-generated batches, with Adam at the same learning rate and betas, constant LR, gradient-norm
 clipping at 1.0 and an L1 penalty on decoder-norm-weighted activations; each library runs its own
-training loop (``saelib.train.train_sae`` and SAELens's ``SAETrainer.fit`` on an in-memory batch
+training loop (``saelib.core.train.train_sae`` and SAELens's ``SAETrainer.fit`` on an in-memory batch
 iterator, progress bars off in both). Peak memory is the growth of the process's peak resident set
 (VmHWM, reset through ``/proc/self/clear_refs``) while building and warming up the trainer, first-use
 allocations included.
@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # saelib from this checkout, also when run without installing it
 
-from saelib.persistence import atomic_write_bytes  # noqa: E402
+from saelib.core.persistence import atomic_write_bytes  # noqa: E402
 
 TOY = dict(d_in=20, d_sae=20, batch=200)
 LM = dict(d_in=512, d_sae=4096, batch=4096)
@@ -71,7 +71,7 @@ def _median_and_all(times: list[float]) -> dict[str, Any]:
 def _toy_pool(n_batches: int, batch: int):
     import torch
 
-    from saelib.toy_data import nabeshima_tree
+    from saelib.data.toy_data import nabeshima_tree
 
     h = nabeshima_tree()
     g = torch.Generator().manual_seed(0)
@@ -102,8 +102,8 @@ def _saelib_runner(size: str, n_inst: int, pool: list, retain_cpu_memory: bool) 
     ``retain_cpu_memory`` (opt-in in saelib) is passed by every caller explicitly."""
     import torch
 
-    from saelib.sae import SAE, SAEConfig
-    from saelib.train import TrainConfig, train_sae
+    from saelib.core.sae import SAE, SAEConfig
+    from saelib.core.train import TrainConfig, train_sae
 
     d_in, d_sae, batch = pool[0].shape[1], (TOY if size == "toy" else LM)["d_sae"], pool[0].shape[0]
 
@@ -172,7 +172,7 @@ def worker_throughput(spec: dict) -> dict:
         run = _saelib_runner(size, n_inst, pool, retain_cpu_memory=retain)
     else:
         if retain:
-            from saelib.train import retain_freed_cpu_memory
+            from saelib.core.train import retain_freed_cpu_memory
 
             retain_freed_cpu_memory()
         run = _saelens_runner(size, pool)
@@ -266,7 +266,7 @@ def worker_profile(spec: dict) -> dict:
 def _prefix_loss(method: str, x, acts, sae, weights, prefixes_timed: int | None = None):
     import torch
 
-    from saelib.matryoshka import matryoshka_loss
+    from saelib.core.matryoshka import matryoshka_loss
 
     W_dec, b_dec = sae.W_dec, sae.b_dec
     if method == "sparse exact (new)":
@@ -296,9 +296,9 @@ def worker_every_prefix(spec: dict) -> dict:
     """
     import torch
 
-    from saelib.matryoshka import MatryoshkaConfig
-    from saelib.sae import SAE, SAEConfig
-    from saelib.train import TrainConfig, train_sae
+    from saelib.core.matryoshka import MatryoshkaConfig
+    from saelib.core.sae import SAE, SAEConfig
+    from saelib.core.train import TrainConfig, train_sae
 
     torch.set_num_threads(spec["threads"])
     d_in, d_sae, k, batch = spec["d_in"], spec["d_sae"], spec["k"], spec["batch"]

@@ -1,4 +1,4 @@
-"""Train an SAE data-parallel over ``torch.distributed`` with :func:`saelib.train.train_sae`.
+"""Train an SAE data-parallel over ``torch.distributed`` with :func:`saelib.core.train.train_sae`.
 
 Run with torchrun (one process per CPU process or GPU)::
 
@@ -17,10 +17,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from saelib.persistence import save_sae
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import nabeshima_tree
-from saelib.train import TrainConfig, train_sae
+from saelib.core.persistence import save_sae
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import nabeshima_tree
+from saelib.core.train import TrainConfig, train_sae
 
 
 def main() -> None:

@@ -12,10 +12,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from saelib.matryoshka import MatryoshkaConfig
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import nabeshima_tree
-from saelib.train import TrainConfig, train_sae
+from saelib.core.matryoshka import MatryoshkaConfig
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import nabeshima_tree
+from saelib.core.train import TrainConfig, train_sae
 
 STEPS, BATCH, LR = 20, 64, 3e-2  # the test's tolerance is derived from these
 TREE = nabeshima_tree()

@@ -1,4 +1,4 @@
-"""Tests for the SAEBench absorption scores and the hedging rate in saelib.absorption, on
+"""Tests for the SAEBench absorption scores and the hedging rate in saelib.experiments.absorption, on
 hand-built SAEs whose answer follows from their construction.
 
 Toy data: Chanin's parent with two mutually exclusive children (features 0 = P, 1 = C0, 2 = C1,
@@ -10,16 +10,16 @@ import math
 import pytest
 import torch
 
-from saelib.absorption import (
+from saelib.experiments.absorption import (
     absorption_scores,
     extend_sae,
     hedging_scores,
     train_hedging_pair,
 )
-from saelib.hedging import hedging_coefficient
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import chanin_parent_children
-from saelib.train import TrainConfig
+from saelib.experiments.hedging import hedging_coefficient
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import chanin_parent_children
+from saelib.core.train import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 

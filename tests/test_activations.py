@@ -1,5 +1,5 @@
-"""Tests for document-aligned token rows (saelib.corpus.tokenize_documents) and the activation
-harvest / cache / sampler (saelib.activations), on a tiny randomly initialised transformer with
+"""Tests for document-aligned token rows (saelib.data.corpus.tokenize_documents) and the activation
+harvest / cache / sampler (saelib.lm.activations), on a tiny randomly initialised transformer with
 LayerNorm (so padding invariance is tested through normalisation, attention and MLPs)."""
 
 import json
@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
-from saelib.activations import ActivationStore, harvest_activations, model_fingerprint, pad_by_document
-from saelib.corpus import tokenize_documents
-from saelib.lm import LanguageModel
+from saelib.lm.activations import ActivationStore, harvest_activations, model_fingerprint, pad_by_document
+from saelib.data.corpus import tokenize_documents
+from saelib.lm.models import LanguageModel
 
 WORDS = ["<|endoftext|>", "a", "b", "c", "d", "e", "f", "g"]
 
@@ -191,7 +191,7 @@ def test_store_reopens_from_its_folder(tokenizer, cache):
 
 # ---------------------------------------------------------------------------- tokenize_split
 def _split():
-    from saelib.corpus import CorpusSplit
+    from saelib.data.corpus import CorpusSplit
 
     letters = WORDS[1:]
     train = [" ".join(letters[: 1 + i % 7]) for i in range(12)]
@@ -200,7 +200,7 @@ def _split():
 
 
 def test_tokenize_split_keeps_parts_apart_and_samples_in_title_order(tokenizer):
-    from saelib.corpus import tokenize_split
+    from saelib.data.corpus import tokenize_split
 
     split = _split()
     train, held = tokenize_split(split, tokenizer, 0, 8)
@@ -217,7 +217,7 @@ def test_tokenize_split_keeps_parts_apart_and_samples_in_title_order(tokenizer):
 
 @pytest.mark.parametrize("n", [0, 13])
 def test_tokenize_split_rejects_bad_counts(tokenizer, n):
-    from saelib.corpus import tokenize_split
+    from saelib.data.corpus import tokenize_split
 
     with pytest.raises(ValueError, match=f"n_train_docs must be in \\[1, 12\\] or None, got {n}"):
         tokenize_split(_split(), tokenizer, 0, 8, n_train_docs=n)

@@ -1,11 +1,11 @@
-"""saelib.claims: seed statistics, tolerances from the seed spread, verdicts that carry no digits."""
+"""saelib.experiments.claims: seed statistics, tolerances from the seed spread, verdicts that carry no digits."""
 
 import math
 
 import pytest
 import torch
 
-from saelib import claims as cl
+from saelib.experiments import claims as cl
 
 SE2 = 2 * math.sqrt(math.pi / 2) * 1.4826  # two standard errors of a median per unit MAD, times sqrt(n)
 

@@ -1,4 +1,4 @@
-"""Tests for saelib.corpus: the deterministic split, the BPE tokenizer, sequence construction
+"""Tests for saelib.data.corpus: the deterministic split, the BPE tokenizer, sequence construction
 and the on-disk cache."""
 
 import hashlib
@@ -6,8 +6,8 @@ import hashlib
 import pytest
 import torch
 
-from saelib import corpus as corpus_mod
-from saelib.corpus import (
+from saelib.data import corpus as corpus_mod
+from saelib.data.corpus import (
     EOT_TOKEN,
     CorpusConfig,
     config_hash,

@@ -1,4 +1,4 @@
-"""Data-parallel training (saelib.distributed, train_sae under torch.distributed): two CPU
+"""Data-parallel training (saelib.core.distributed, train_sae under torch.distributed): two CPU
 processes over gloo give the weights of one process on the combined batch.
 
 The tolerance is derived from float summation order, not fitted to the result. Each rank sums
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saelib.distributed import DataParallel, data_parallel
+from saelib.core.distributed import DataParallel, data_parallel
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ import functools
 import pytest
 import torch
 
-import saelib.matryoshka as matryoshka
-from saelib.matryoshka import MatryoshkaConfig, matryoshka_loss, prefix_weights
-from saelib.sae import SAE, SAEConfig
+import saelib.core.matryoshka as matryoshka
+from saelib.core.matryoshka import MatryoshkaConfig, matryoshka_loss, prefix_weights
+from saelib.core.sae import SAE, SAEConfig
 
 sparse_prefix_loss = functools.partial(matryoshka_loss, method="sparse")
 active_latents = matryoshka._active_latents
@@ -189,8 +189,8 @@ def test_auto_keeps_the_dense_path_when_d_sae_is_at_most_d_in(monkeypatch):
 
 
 def test_training_with_every_prefix_follows_the_same_path_through_either_route(monkeypatch):
-    import saelib.matryoshka as matryoshka
-    from saelib.train import TrainConfig, train_sae
+    import saelib.core.matryoshka as matryoshka
+    from saelib.core.train import TrainConfig, train_sae
 
     data = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(steps=15, batch_size=32, lr=1e-2, matryoshka=MatryoshkaConfig(mode="every"),

@@ -1,4 +1,4 @@
-"""Tests for saelib.feature_trees: the batched MCS scores against hand-computed values and a
+"""Tests for saelib.experiments.feature_trees: the batched MCS scores against hand-computed values and a
 brute-force loop over latent pairs, and the DAG / tree / absorption helpers on hand-made
 three-level activations whose parent -> child structure is known."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from saelib import feature_trees as ft
+from saelib.experiments import feature_trees as ft
 
 
 # ---------------------------------------------------------------------------- brute force

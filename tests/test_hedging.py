@@ -1,4 +1,4 @@
-"""Tests for saelib.hedging: the closed-form hedging coefficient against an independent numpy
+"""Tests for saelib.experiments.hedging: the closed-form hedging coefficient against an independent numpy
 eigendecomposition of a hand-built second moment, and the single-latent MSE against hand algebra
 and Monte Carlo."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.hedging import hedged_child_cosine, hedging_coefficient, optimal_single_latent, single_latent_mse
-from saelib.toy_data import chanin_parent_children
+from saelib.experiments.hedging import hedged_child_cosine, hedging_coefficient, optimal_single_latent, single_latent_mse
+from saelib.data.toy_data import chanin_parent_children
 
 QK_EXCLUSIVE = [(0.2, 2), (0.1, 3), (0.5, 2), (0.05, 1), (1.0, 1), (0.25, 4), (0.9, 1)]
 QK_INDEPENDENT = [(0.2, 2), (0.1, 3), (0.5, 2), (0.9, 5), (1.0, 3), (0.3, 1)]

@@ -1,5 +1,5 @@
-"""Tests for saelib.hierarchy_analysis (per-instance metrics on toy hierarchies) and
-saelib.comparison_plots (figures return Figures with the expected content)."""
+"""Tests for saelib.experiments.hierarchy_analysis (per-instance metrics on toy hierarchies) and
+saelib.figures.comparison_plots (figures return Figures with the expected content)."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from saelib.comparison_plots import (
+from saelib.figures.comparison_plots import (
     bar_groups,
     cosine_trajectories,
     method_scatter,
@@ -17,7 +17,7 @@ from saelib.comparison_plots import (
     prior_density_plot,
     sweep_lines,
 )
-from saelib.hierarchy_analysis import (
+from saelib.experiments.hierarchy_analysis import (
     CosineRecorder,
     evaluate_instances,
     first_step_above,
@@ -27,9 +27,9 @@ from saelib.hierarchy_analysis import (
     parent_cofiring,
     pareto_front,
 )
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import chanin_absorption_order, nabeshima_tree
-from saelib.train import TrainConfig, train_sae
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import chanin_absorption_order, nabeshima_tree
+from saelib.core.train import TrainConfig, train_sae
 
 
 def truth_sae(tree, n_inst=2, order=None):
@@ -170,7 +170,7 @@ def test_sweep_lines_logy_draws_the_geometric_mean():
 def test_evaluate_input_scale_is_applied_before_the_sae():
     # the true features with a threshold of 0.3: on inputs scaled by 3 a firing feature's activation
     # is 3 - 0.3 (a 10 % shrink), on raw inputs 1 - 0.3 (30 %): FVU must be ~9x smaller when scaled
-    from saelib.metrics import fvu
+    from saelib.core.metrics import fvu
     tree = nabeshima_tree()
     sae = truth_sae(tree)
     with torch.no_grad():
@@ -189,8 +189,8 @@ def test_evaluate_input_scale_is_applied_before_the_sae():
 def test_split_term_push_scales_with_the_input_scale_squared():
     # from the true features (a linear, bias-free SAE) a term's gradient on the decoder is
     # 2 a (x_hat - x): both factors scale with the input, so the push scales with input_scale²
-    from saelib.hierarchy_analysis import split_term_push
-    from saelib.matryoshka import MatryoshkaConfig, expected_prefix_weights
+    from saelib.experiments.hierarchy_analysis import split_term_push
+    from saelib.core.matryoshka import MatryoshkaConfig, expected_prefix_weights
     tree = nabeshima_tree()
     sae = truth_sae(tree, n_inst=1)
     latent_of = torch.arange(tree.n_features)[None]

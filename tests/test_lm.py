@@ -1,4 +1,4 @@
-"""Tests for saelib.lm: default-model training and caching (on a tiny config), losses against
+"""Tests for saelib.lm.models: default-model training and caching (on a tiny config), losses against
 hand computations, activation collection with early stopping, and the SmolLM2 conversion
 (logits against transformers' own model; loss recovered for one layer)."""
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, utils
 
-from saelib import lm as lm_mod
-from saelib.corpus import CorpusConfig, TextCorpus, load_wiki_leads, split_documents, tokenize_to_sequences, train_bpe_tokenizer
-from saelib.lm import (
+from saelib.lm import models as lm_mod
+from saelib.data.corpus import CorpusConfig, TextCorpus, load_wiki_leads, split_documents, tokenize_to_sequences, train_bpe_tokenizer
+from saelib.lm.models import (
     DefaultModelConfig,
     collect_activations,
     flatten_tokens,
@@ -35,7 +35,7 @@ def tiny_cfg(**kw) -> DefaultModelConfig:
 
 @pytest.fixture(scope="module")
 def tiny_corpus() -> TextCorpus:
-    from saelib.corpus import CorpusSplit
+    from saelib.data.corpus import CorpusSplit
 
     tok = train_bpe_tokenizer(TEXTS, TINY_CORPUS.vocab_size, TINY_CORPUS.min_frequency)
     split = CorpusSplit([f"t{i}" for i in range(12)], TEXTS[:12], [f"h{i}" for i in range(4)], TEXTS[12:])
@@ -224,7 +224,8 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 def test_smollm2_loss_recovered_one_layer(smollm2):
-    from saelib.transcoder import SparseMLPConfig, mlp_hook_names, spliced_losses, train_sparse_mlps
+    from saelib.core.transcoder import mlp_hook_names
+    from saelib.experiments.sparse_mlp import SparseMLPConfig, spliced_losses, train_sparse_mlps
 
     lm, _ = smollm2
     split = split_documents(load_wiki_leads())

@@ -1,4 +1,4 @@
-"""Tests for the base Matryoshka loss in saelib.matryoshka.
+"""Tests for the base Matryoshka loss in saelib.core.matryoshka.
 
 Every method of ``matryoshka_loss`` (and the per-prefix error kernels behind them) is checked
 against a naive loop that decodes every prefix separately; the
@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import saelib.matryoshka as mat
-from saelib.matryoshka import MatryoshkaConfig, latent_weights, matryoshka_loss, prefix_weights
+import saelib.core.matryoshka as mat
+from saelib.core.matryoshka import MatryoshkaConfig, latent_weights, matryoshka_loss, prefix_weights
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py

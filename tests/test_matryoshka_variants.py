@@ -1,6 +1,6 @@
-"""Tests for the Matryoshka variants in saelib.matryoshka (inner-loss weights, gradient routing
-into inner latents, per-term masks), the seed-000 probes in saelib.matryoshka_probes (the
-parent-in / child-out terms, the decoder-gradient probe) and per-instance configs in saelib.train.
+"""Tests for the Matryoshka variants in saelib.core.matryoshka (inner-loss weights, gradient routing
+into inner latents, per-term masks), the seed-000 probes in saelib.experiments.matryoshka_probes (the
+parent-in / child-out terms, the decoder-gradient probe) and per-instance configs in saelib.core.train.
 
 Gradients are checked against a naive loop that decodes every prefix with explicit
 ``detach`` on the inner latents; expected weights are worked out by hand.
@@ -9,8 +9,8 @@ Gradients are checked against a naive loop that decodes every prefix with explic
 import pytest
 import torch
 
-import saelib.matryoshka as mat
-from saelib.matryoshka import (
+import saelib.core.matryoshka as mat
+from saelib.core.matryoshka import (
     MatryoshkaConfig,
     PerInstanceMatryoshka,
     batched_prefix_weights,
@@ -20,10 +20,10 @@ from saelib.matryoshka import (
     prefix_weights,
     previous_prefix,
 )
-from saelib.matryoshka_probes import SplitTermMask, parent_child_split_terms, prefix_term_gradient
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import FeatureNode, HierarchySpec, ToyHierarchy, nabeshima_tree
-from saelib.train import TrainConfig, train_sae
+from saelib.experiments.matryoshka_probes import SplitTermMask, parent_child_split_terms, prefix_term_gradient
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import FeatureNode, HierarchySpec, ToyHierarchy, nabeshima_tree
+from saelib.core.train import TrainConfig, train_sae
 
 D = torch.float64
 

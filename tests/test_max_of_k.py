@@ -1,4 +1,4 @@
-"""Tests for saelib.max_of_k: sequence sampling, the model's architecture and training, residual
+"""Tests for saelib.experiments.max_of_k: sequence sampling, the model's architecture and training, residual
 collection, ground-truth variables and latent labels, each against values worked out by hand or
 by brute-force enumeration."""
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from saelib import max_of_k as mk
+from saelib.experiments import max_of_k as mk
 
 
 def small_cfg(**kw) -> mk.MaxOfKConfig:
@@ -205,7 +205,7 @@ def test_plot_max_histograms_drops_dead_rows():
 # ---------------------------------------------------------------------------- split nesting and coverage
 import networkx as nx
 
-from saelib import feature_trees as ft
+from saelib.experiments import feature_trees as ft
 
 
 def _rows(*masses: dict[int, float], n_values: int = 8) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests for saelib.metrics: expected values are hand-computed or brute-forced, never taken from
+"""Tests for saelib.core.metrics: expected values are hand-computed or brute-forced, never taken from
 the code under test."""
 
 import itertools
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from saelib.metrics import (
+from saelib.core.metrics import (
     best_match_stats,
     cosine_matrix,
     dead_latents,
@@ -204,7 +204,7 @@ def test_l0_density_dead_hand_values():
         [0.0, 3.0, -1.0, 0.0],
         [0.0, 0.0, 4.0, 0.0],
     ])
-    assert l0(acts).item() == pytest.approx((2 + 1 + 2 + 1) / 4)
+    assert l0(acts).item() == pytest.approx((2 + 1 + 1 + 1) / 4)  # active = > 0: the -1.0 does not count
     torch.testing.assert_close(feature_density(acts), torch.tensor([0.0, 0.5, 0.75, 0.0]))
     assert dead_latents(acts).tolist() == [True, False, False, True]
     assert dead_latents(acts, threshold=0.5).tolist() == [True, True, False, True]
@@ -238,7 +238,7 @@ def test_sparsity_metrics_reject_non_finite_acts(metric, value):
 
 
 def test_metrics_catch_nan_passed_through_encode():
-    from saelib.sae import SAE, SAEConfig
+    from saelib.core.sae import SAE, SAEConfig
 
     x = torch.randn(6, 5)
     x[3, 1] = float("nan")

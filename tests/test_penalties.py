@@ -1,4 +1,4 @@
-"""Tests for saelib.penalties: values against hand-computed formulas, gradients (including the
+"""Tests for saelib.core.penalties: values against hand-computed formulas, gradients (including the
 Lp blow-up near zero), batch-level frequency penalty, implied priors against closed forms, and
 per-instance penalties in training."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from saelib.penalties import (
+from saelib.core.penalties import (
     BATCH_PENALTIES,
     FREQ_TARGET,
     FREQ_WEIGHT,
@@ -20,8 +20,8 @@ from saelib.penalties import (
     prior_density,
     prior_is_proper,
 )
-from saelib.sae import SAE, SAEConfig
-from saelib.train import TrainConfig, train_sae
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.train import TrainConfig, train_sae
 
 S = torch.tensor([0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
 

@@ -1,4 +1,4 @@
-"""Tests for saelib.persistence: SAELens round trips, exact saelib round trips, clear errors on
+"""Tests for saelib.core.persistence: SAELens round trips, exact saelib round trips, clear errors on
 broken checkpoints, atomic and deterministic writes."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import saelib.persistence
-from saelib.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, sae_lens_folder, save_instances, save_sae
-from saelib.sae import SAE, SAEConfig
+import saelib.core.persistence
+from saelib.core.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, sae_lens_folder, save_instances, save_sae
+from saelib.core.sae import SAE, SAEConfig
 
 D_IN, D_SAE, N_INST, INST = 6, 10, 3, 2
 
@@ -123,7 +123,7 @@ def test_untrained_batchtopk_is_saelib_only(tmp_path, sae_lens):
     assert_same_state(loaded, sae.instance(0))
     with pytest.raises(KeyError):
         sae_lens.SAE.load_from_disk(folder)
-    with pytest.raises(ValueError, match="BatchTopK SAE whose inference threshold is not set.*saelib.persistence.load_sae"):
+    with pytest.raises(ValueError, match="BatchTopK SAE whose inference threshold is not set.*saelib.core.persistence.load_sae"):
         sae_lens_folder(folder)
 
 
@@ -300,7 +300,7 @@ def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(saelib.persistence.os, "fsync", failing_fsync)
+    monkeypatch.setattr(saelib.core.persistence.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="simulated"):
         save_sae(build_sae("relu"), folder, instance=1)  # different weights
     assert snapshot(folder) == before  # old files intact, no temporary files left behind
@@ -308,14 +308,14 @@ def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
 
 def test_interrupted_save_between_files_is_detected(tmp_path, monkeypatch):
     folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
-    real_replace = saelib.persistence.os.replace
+    real_replace = saelib.core.persistence.os.replace
 
     def replace_weights_only(src, dst):
         if str(dst).endswith(CFG_FILENAME):
             raise OSError("crash before cfg.json (simulated)")
         real_replace(src, dst)
 
-    monkeypatch.setattr(saelib.persistence.os, "replace", replace_weights_only)
+    monkeypatch.setattr(saelib.core.persistence.os, "replace", replace_weights_only)
     with pytest.raises(OSError, match="simulated"):
         save_sae(build_sae("relu"), folder, instance=1)
     monkeypatch.undo()
@@ -352,7 +352,7 @@ def test_cleanup_leaves_a_write_in_progress_alone(tmp_path):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # as atomic_write_bytes holds it until the rename
         save_sae(build_sae("relu"), folder, instance=1)
         assert busy.exists()
-    assert saelib.persistence.remove_stale_temp_files(folder) == [busy]  # its writer is gone now
+    assert saelib.core.persistence.remove_stale_temp_files(folder) == [busy]  # its writer is gone now
     assert not busy.exists()
 
 
@@ -375,13 +375,13 @@ def test_non_serialisable_metadata_writes_nothing(tmp_path):
 
 
 def _train_cfg(steps=20, seed=0):
-    from saelib.train import TrainConfig
+    from saelib.core.train import TrainConfig
     return TrainConfig(steps=steps, batch_size=32, lr=1e-2, l1_coeff=0.1, seed=seed, progress=False)
 
 
 def test_load_or_train_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
-    import saelib.train
-    from saelib.persistence import load_or_train
+    import saelib.core.train
+    from saelib.core.persistence import load_or_train
 
     monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     data = torch.randn(500, D_IN)
@@ -393,7 +393,7 @@ def test_load_or_train_trains_once_then_loads_the_same_weights(tmp_path, monkeyp
     def no_training(*args, **kwargs):
         raise AssertionError("trained again instead of loading")
 
-    monkeypatch.setattr(saelib.train, "train_sae", no_training)
+    monkeypatch.setattr(saelib.core.train, "train_sae", no_training)
     again, folder2, now2 = load_or_train(new(), data, _train_cfg(), "data-a")
     assert folder2 == folder and not now2
     assert_same_state(again, sae)
@@ -402,7 +402,7 @@ def test_load_or_train_trains_once_then_loads_the_same_weights(tmp_path, monkeyp
 
 @pytest.mark.parametrize("change", ["steps", "seed", "data_key", "d_sae"])
 def test_load_or_train_key_changes_with_config_data_and_init(tmp_path, monkeypatch, change):
-    from saelib.persistence import load_or_train
+    from saelib.core.persistence import load_or_train
 
     monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     data = torch.randn(300, D_IN)
@@ -415,7 +415,7 @@ def test_load_or_train_key_changes_with_config_data_and_init(tmp_path, monkeypat
 
 
 def test_load_or_train_refuses_several_instances(tmp_path, monkeypatch):
-    from saelib.persistence import load_or_train
+    from saelib.core.persistence import load_or_train
 
     monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="n_inst=3"):

@@ -1,4 +1,4 @@
-"""Tests for saelib.plotting: figure contents, no global pyplot state, deterministic atomic saving."""
+"""Tests for saelib.figures.plotting: figure contents, no global pyplot state, deterministic atomic saving."""
 
 import matplotlib
 
@@ -12,8 +12,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import saelib.persistence  # noqa: E402
-from saelib.plotting import cosine_heatmap, figures_root, sae_feature_heatmaps, save_figure  # noqa: E402
+import saelib.core.persistence  # noqa: E402
+from saelib.figures.plotting import cosine_heatmap, figures_root, sae_feature_heatmaps, save_figure  # noqa: E402
 
 # seaborn 0.13 calls Colormap.set_bad, which matplotlib 3.11 marks pending-deprecated.
 pytestmark = pytest.mark.filterwarnings("ignore:The set_bad function:PendingDeprecationWarning")
@@ -198,7 +198,7 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(saelib.persistence.os, "replace", broken_replace)
+    monkeypatch.setattr(saelib.core.persistence.os, "replace", broken_replace)
     with pytest.raises(OSError, match="simulated"):
         save_figure(small_figure(seed=3), "fig", root=tmp_path)
     assert [p.read_bytes() for p in paths] == old

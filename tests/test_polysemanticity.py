@@ -1,4 +1,4 @@
-"""Tests for saelib.polysemanticity on planted latent activations with known answers."""
+"""Tests for saelib.experiments.polysemanticity on planted latent activations with known answers."""
 
 import matplotlib
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from saelib.polysemanticity import (
+from saelib.experiments.polysemanticity import (
     Context,
     bos_profile,
     bottom_contexts,
@@ -163,8 +163,8 @@ def test_examine_latents_planted():
 
 
 def test_sequence_latents_match_direct_encoding():
-    from saelib.sae import SAE, SAEConfig
-    from saelib.polysemanticity import sequence_latents
+    from saelib.core.sae import SAE, SAEConfig
+    from saelib.experiments.polysemanticity import sequence_latents
 
     sae = SAE(SAEConfig(d_in=4, d_sae=6, n_inst=2, seed=1))
     x = torch.randn(3, 5, 4)
@@ -223,7 +223,7 @@ def test_contexts_stop_at_the_document_end():
 
 # ---------------------------------------------------------------------------- flat activations (activation stores)
 def _trained_like_sae(architecture="relu"):
-    from saelib.sae import SAE, SAEConfig
+    from saelib.core.sae import SAE, SAEConfig
 
     sae = SAE(SAEConfig(d_in=5, d_sae=12, architecture=architecture, k=3 if architecture != "relu" else None, seed=2))
     with torch.no_grad():
@@ -234,7 +234,7 @@ def _trained_like_sae(architecture="relu"):
 
 @pytest.mark.parametrize("architecture", ["relu", "topk"])
 def test_encode_latents_equals_the_full_encoding_columns(architecture):
-    from saelib.polysemanticity import encode_latents
+    from saelib.experiments.polysemanticity import encode_latents
 
     sae = _trained_like_sae(architecture)
     x = torch.randn(37, 5)
@@ -245,7 +245,7 @@ def test_encode_latents_equals_the_full_encoding_columns(architecture):
 
 
 def test_encode_latents_errors():
-    from saelib.polysemanticity import encode_latents
+    from saelib.experiments.polysemanticity import encode_latents
 
     sae = _trained_like_sae()
     with pytest.raises(ValueError, match=r"latent\(s\) \[12\]"):
@@ -255,8 +255,8 @@ def test_encode_latents_errors():
 
 
 def test_sae_statistics_match_the_metrics_on_the_kept_rows():
-    from saelib.metrics import feature_density, fvu, l0
-    from saelib.polysemanticity import sae_statistics
+    from saelib.core.metrics import feature_density, fvu, l0
+    from saelib.experiments.polysemanticity import sae_statistics
 
     sae = _trained_like_sae()
     x = torch.randn(50, 5)
@@ -273,7 +273,7 @@ def test_sae_statistics_match_the_metrics_on_the_kept_rows():
 
 
 def test_sae_statistics_errors():
-    from saelib.polysemanticity import sae_statistics
+    from saelib.experiments.polysemanticity import sae_statistics
 
     sae = _trained_like_sae()
     with pytest.raises(ValueError, match="keep selects no row"):

@@ -1,4 +1,4 @@
-"""Tests for saelib.sae: shapes, config validation, the three architectures, instance independence
+"""Tests for saelib.core.sae: shapes, config validation, the three architectures, instance independence
 and the weight-space symmetries (permutation, decoder rescaling)."""
 
 import copy
@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from saelib.sae import SAE, SAEConfig
+from saelib.core.sae import SAE, SAEConfig
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -308,7 +308,7 @@ def hand_centered_encode_grads(x, b_dec, W_enc, upstream):
 
 @pytest.mark.parametrize("x_needs_grad", [False, True])
 def test_centered_encode_matches_autograd(x_needs_grad):
-    from saelib.sae import _CenteredEncode
+    from saelib.core.sae import _CenteredEncode
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 11, 5, generator=g, dtype=torch.float64)
@@ -345,7 +345,7 @@ def autograd_node_names(t: torch.Tensor) -> set[str]:
 def test_sae_gradients_equal_plain_autograd_formula(big):
     """Every parameter's gradient through SAE.forward equals autograd of the written-out formula, for
     a small SAE (plain autograd) and one past the size where the encoder skips the input gradient."""
-    from saelib.sae import _CENTERED_ENCODE_MIN_MACS
+    from saelib.core.sae import _CENTERED_ENCODE_MIN_MACS
 
     d_in, d_sae, batch = (64, 256, 1024) if big else (5, 7, 9)
     assert (batch * 3 * d_in * d_sae >= _CENTERED_ENCODE_MIN_MACS) == big

@@ -1,4 +1,4 @@
-"""Tests for saelib.toy_data: validation, directions, sampling rules and analytic statistics.
+"""Tests for saelib.data.toy_data: validation, directions, sampling rules and analytic statistics.
 
 Expected values are hand-computed from the sampling rules in the module docstring, or estimated
 from large samples (5-sigma bounds), never taken from the code under test.
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from saelib.toy_data import (
+from saelib.data.toy_data import (
     FeatureNode,
     HierarchySpec,
     ToyHierarchy,

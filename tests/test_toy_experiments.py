@@ -1,9 +1,9 @@
-"""saelib.toy_experiments: the narrow-SAE sweep's seed axis."""
+"""saelib.experiments.toy_experiments: the narrow-SAE sweep's seed axis."""
 
 import pytest
 import torch
 
-from saelib.toy_experiments import narrow_sae_sweep
+from saelib.experiments.toy_experiments import narrow_sae_sweep
 
 
 def test_narrow_sweep_seed_axis_and_medians():
@@ -14,7 +14,7 @@ def test_narrow_sweep_seed_axis_and_medians():
     assert three.child_cos_seeds[0, 0].unique().numel() == 3  # seeds differ (init and data draws)
     # the returned SAE is the trained one: its decoder gives the reported child cosines
     assert three.sae.n_inst == 3
-    from saelib.toy_data import chanin_parent_children
+    from saelib.data.toy_data import chanin_parent_children
     tree = chanin_parent_children(p_parent=0.25, p_child=0.3, n_children=2, seed=0)
     f = tree.features / tree.features.norm(dim=-1, keepdim=True)
     w = three.sae.W_dec[:, 0].detach()
@@ -30,12 +30,12 @@ def test_narrow_sweep_rejects_zero_seeds():
 # ---------------------------------------------------------------------------- input scale, methods, absorption
 from dataclasses import replace as _replace
 
-from saelib.absorption import absorption_scores
-from saelib.matryoshka import MatryoshkaConfig
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import nabeshima_tree
-from saelib.toy_experiments import compare_vanilla_matryoshka
-from saelib.train import TrainConfig, train_sae
+from saelib.experiments.absorption import absorption_scores
+from saelib.core.matryoshka import MatryoshkaConfig
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import nabeshima_tree
+from saelib.experiments.toy_experiments import compare_vanilla_matryoshka
+from saelib.core.train import TrainConfig, train_sae
 
 
 def test_input_scale_gives_mean_norm_sqrt_d():
@@ -85,9 +85,9 @@ def test_compare_rejects_bad_arguments(kw):
 # ---------------------------------------------------------------------------- hedging rate of a narrow sweep
 import math
 
-from saelib.hedging import hedged_child_cosine, optimal_single_latent
-from saelib.toy_data import chanin_parent_children
-from saelib.toy_experiments import NarrowSweep, narrow_sweep_hedging
+from saelib.experiments.hedging import hedged_child_cosine, optimal_single_latent
+from saelib.data.toy_data import chanin_parent_children
+from saelib.experiments.toy_experiments import NarrowSweep, narrow_sweep_hedging
 
 HEDGE_STEPS = 600  # further training of extended and control (the tests' budget; the notebook uses its STEPS)
 

@@ -1,4 +1,4 @@
-"""Tests for saelib.train: schedule, validation, convergence on toy data, determinism, instance
+"""Tests for saelib.core.train: schedule, validation, convergence on toy data, determinism, instance
 independence, the adaptive L1 controller, dead-latent resampling, transcoders and the Matryoshka
 latent permutation with its Adam moments."""
 
@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from saelib.matryoshka import MatryoshkaConfig
-from saelib.sae import SAE, SAEConfig
-from saelib.toy_data import nabeshima_tree
-from saelib.train import History, TrainConfig, TrainingDivergedError, train_sae, wsd_lr_factor
-from saelib.train_parts import _permute_with_optimizer
+from saelib.core.matryoshka import MatryoshkaConfig
+from saelib.core.sae import SAE, SAEConfig
+from saelib.data.toy_data import nabeshima_tree
+from saelib.core.train import History, TrainConfig, TrainingDivergedError, train_sae, wsd_lr_factor
+from saelib.core.train_parts import _permute_with_optimizer
 
 TREE = nabeshima_tree()
 
@@ -339,7 +339,7 @@ def test_data_streams_shared_by_default_and_per_instance_when_independent():
     """Default: one data call per step with the generator ``manual_seed(seed)``, its batch seen by
     every instance. ``independent_instances``: one call per instance per step, each with its own
     generator (distinct initial states, the same for the same ``(seed, instance id)``)."""
-    from saelib.train import _DATA_STREAM, _instance_generators
+    from saelib.core.train import _DATA_STREAM, _instance_generators
 
     def recorder(calls):
         def data(batch, g):
@@ -550,8 +550,8 @@ def test_matryoshka_training_with_permutation_runs_and_learns():
 
 # ---------------------------------------------------------------------------- fast paths
 def test_l1_penalty_fast_path_equals_the_general_penalty_and_its_gradients():
-    from saelib.penalties import per_latent_penalty
-    from saelib.train_parts import _penalty
+    from saelib.core.penalties import per_latent_penalty
+    from saelib.core.train_parts import _penalty
 
     g = torch.Generator().manual_seed(0)
     acts = torch.relu(torch.randn(13, 2, 6, generator=g, dtype=torch.float64))
@@ -569,7 +569,7 @@ def test_l1_penalty_fast_path_equals_the_general_penalty_and_its_gradients():
 
 RETAIN_PROBE = """
 import resource, sys, torch
-from saelib.train import retain_freed_cpu_memory
+from saelib.core.train import retain_freed_cpu_memory
 def faults_of_reallocating():
     torch.ones(64 << 18)  # 64 MiB, allocated and freed once before counting
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -601,8 +601,8 @@ def test_retain_freed_cpu_memory_stops_page_faults_on_reallocation():
 
 def _penalty_with(freq_target, target_l0):
     """train_sae's per-latent smooth_l0_freq penalty of one batch for these settings."""
-    import saelib.train as tr
-    from saelib.train_parts import _penalty
+    import saelib.core.train as tr
+    from saelib.core.train_parts import _penalty
     sae = SAE(build_sae_cfg(d_in=6, d_sae=8, n_inst=2, seed=3))
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
     acts = sae.encode(x)
@@ -613,7 +613,7 @@ def _penalty_with(freq_target, target_l0):
 
 
 def test_freq_target_defaults_to_target_l0_over_d_sae():
-    from saelib.penalties import per_latent_penalty
+    from saelib.core.penalties import per_latent_penalty
     sae = SAE(build_sae_cfg(d_in=6, d_sae=8, n_inst=2, seed=3))
     acts = sae.encode(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)))
     got = _penalty_with(None, [2.0, 4.0])

@@ -1,13 +1,13 @@
-"""Tests for saelib.train_parts, each part alone: the loss of one step, the sparsity controller,
-dead-latent resampling, latent permutation, and History.record (saelib.train)."""
+"""Tests for saelib.core.train_parts, each part alone: the loss of one step, the sparsity controller,
+dead-latent resampling, latent permutation, and History.record (saelib.core.train)."""
 
 import pytest
 import torch
 
-from saelib.matryoshka import MatryoshkaConfig, PerInstanceMatryoshka, latent_weights, matryoshka_loss
-from saelib.sae import SAE, SAEConfig
-from saelib.train import History
-from saelib.train_parts import (
+from saelib.core.matryoshka import MatryoshkaConfig, PerInstanceMatryoshka, latent_weights, matryoshka_loss
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.train import History
+from saelib.core.train_parts import (
     DeadLatentResampler,
     LatentPermuter,
     SparsityController,

@@ -1,4 +1,4 @@
-"""Tests for saelib.transcoder: penalty bookkeeping, normalisation folding, splicing (exact
+"""Tests for saelib.experiments.sparse_mlp: penalty bookkeeping, normalisation folding, splicing (exact
 copies of the MLP, zero and mean outputs must reproduce the original / ablated losses computed
 by hand), neuron cosines and training on a synthetic MLP."""
 
@@ -9,24 +9,22 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
 
-from saelib.metrics import fvu
-from saelib.sae import SAE, SAEConfig
-from saelib.transcoder import (
+from saelib.core.metrics import fvu
+from saelib.core.normalisation import normalisation_scale
+from saelib.core.sae import SAE, SAEConfig
+from saelib.core.transcoder import SparseMLP, fold_scales, mlp_hook_names
+from saelib.experiments.sparse_mlp import (
     NABESHIMA_LOSS_ORIG,
     NABESHIMA_LOSS_SPARSE_S6,
     NABESHIMA_LOSS_ZERO,
     NABESHIMA_RECOVERED_S6,
     LossRecovered,
-    SparseMLP,
     SparseMLPConfig,
-    fold_scales,
     loss_recovered,
     loss_recovered_table,
     recovered_at_l0,
     max_neuron_cosines,
-    mlp_hook_names,
     neuron_cosines,
-    normalisation_scale,
     penalty_coefficients,
     spliced_losses,
     train_sparse_mlps,
@@ -180,7 +178,7 @@ def test_spliced_losses_without_skipping_bos_changes_bos_too():
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_spliced_losses_on_documents_of_unequal_length_count_each_document_alone(layer):
-    from saelib.corpus import DocumentTokens
+    from saelib.data.corpus import DocumentTokens
 
     model = tiny_model("RMS")
     g = torch.Generator().manual_seed(2)

@@ -1,4 +1,4 @@
-"""Data-parallel training over ``torch.distributed``: what :func:`saelib.train.train_sae` needs
+"""Data-parallel training over ``torch.distributed``: what :func:`saelib.core.train.train_sae` needs
 when a process group is initialised (launched with ``torchrun``; gloo on CPU, nccl on GPU).
 
 The scheme is plain synchronous data parallelism, as in SAELens and sparsify:

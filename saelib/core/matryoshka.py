@@ -28,8 +28,8 @@ Variants (seed 000 and 002 questions; notebook 03), all options of :func:`matryo
   experiment (seed 000; Chanin's ``use_delta_loss``), values in ``(0, 1)`` the partial version.
   Forward values are unchanged.
 * ``keep``: per-``(sample, prefix)`` term weights, e.g. the parent-in / child-out mask of
-  :class:`saelib.matryoshka_probes.SplitTermMask` (the seed-000 hypothesis probes live in
-  :mod:`saelib.matryoshka_probes`).
+  :class:`saelib.experiments.matryoshka_probes.SplitTermMask` (the seed-000 hypothesis probes live in
+  :mod:`saelib.experiments.matryoshka_probes`).
 
 Different instances may use different configs (:class:`PerInstanceMatryoshka`), so that many
 variants train side by side in one batched run.
@@ -264,7 +264,7 @@ class PerInstanceMatryoshka:
     ) -> Float[Tensor, "inst d_sae"]:
         """This step's prefix weights with instance ``i``'s row drawn from ``generators[i]`` alone,
         exactly as ``prefix_weights(configs[i], d_sae, 1, generators[i])``: a row does not depend
-        on how many instances there are (:class:`saelib.train.TrainConfig` ``independent_instances``).
+        on how many instances there are (:class:`saelib.core.train.TrainConfig` ``independent_instances``).
 
         Raises ValueError if there is not one generator per instance, or as :func:`prefix_weights`.
         """
@@ -278,7 +278,7 @@ def expected_prefix_weights(
 ) -> Float[Tensor, " d_sae"]:
     """Mean prefix weights over ``n_draws`` draws (exact for ``"fixed"`` and ``"every"``):
     the weights to use when measuring the loss's average effect, e.g. in
-    :func:`saelib.matryoshka_probes.prefix_term_gradient`."""
+    :func:`saelib.experiments.matryoshka_probes.prefix_term_gradient`."""
     g = torch.Generator().manual_seed(seed)
     return prefix_weights(cfg, d_sae, n_draws, g).mean(0)
 

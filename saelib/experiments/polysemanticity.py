@@ -4,8 +4,8 @@ contexts where a latent fires most and where it fires weakly (the bottom 10 % of
 whether its activation depends on token position or it fires on nearly every token but BOS.
 
 Latent activations are passed as ``[n_seq, pos, d_sae]`` (or ``[n_seq, pos]`` for one latent)
-with the matching ``tokens [n_seq, pos]``; position 0 is BOS (see :mod:`saelib.corpus`). For
-document-aligned rows of unequal length (:class:`saelib.corpus.DocumentTokens`) pass their
+with the matching ``tokens [n_seq, pos]``; position 0 is BOS (see :mod:`saelib.data.corpus`). For
+document-aligned rows of unequal length (:class:`saelib.data.corpus.DocumentTokens`) pass their
 ``mask [n_seq, pos]`` (True at valid positions): padding then counts nowhere (densities, position
 profiles, BOS statistics) and context windows stop at the document's end. Position is then the
 position in the document.
@@ -19,15 +19,18 @@ import html
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..core.metrics import active
+
 if TYPE_CHECKING:
-    from .sae import SAE
+    from ..core.sae import SAE
 
 __all__ = [
     "Context",
@@ -119,7 +122,7 @@ def encode_latents(
     batch_size: int = 8192,
 ) -> Float[Tensor, "n_tok n_latents"]:
     """Activations of the chosen ``latents`` (all when None) of one SAE instance on the rows of
-    ``x`` (e.g. a memory-mapped :class:`saelib.activations.ActivationStore` array, read in
+    ``x`` (e.g. a memory-mapped :class:`saelib.lm.activations.ActivationStore` array, read in
     batches of ``batch_size`` rows and encoded as ``scale * x`` in float32).
 
     For a ReLU SAE only the chosen encoder columns are computed (a latent's activation does not
@@ -163,9 +166,10 @@ def sae_statistics(
     (``[n_tok]`` bool, e.g. ``store.pos > 0`` to leave out BOS; all rows when None), read in
     batches so that ``[n_tok, d_sae]`` is never held.
 
-    Definitions as :func:`saelib.metrics.l0` (latents ``!= 0``), :func:`saelib.metrics.fvu`
-    (error over variance about the mean of the kept rows) and
-    :func:`saelib.metrics.feature_density` (latents ``> 0``), in the SAE's input units
+    Definitions as :func:`saelib.core.metrics.l0` and :func:`saelib.core.metrics.feature_density`
+    (active latents, :func:`saelib.core.metrics.active`) and :func:`saelib.core.metrics.fvu`
+    (error over variance about the mean of the kept rows; streamed here in float64 as
+    ``sum ||x||² - ||sum x||² / n``, so not bit-equal to it), in the SAE's input units
     (``scale * x``). Returns ``{"L0": float, "FVU": float, "density": Tensor[d_sae],
     "dead_frac": float, "n_tokens": int}``.
 
@@ -183,7 +187,7 @@ def sae_statistics(
         raise ValueError("keep selects no row")
     d_in = x.shape[1]
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
-    nonzero, err = 0.0, 0.0
+    n_active, err = 0.0, 0.0
     s1, s2 = torch.zeros(d_in, dtype=torch.float64), 0.0
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size][keep[i : i + batch_size]].float() * scale
@@ -191,8 +195,9 @@ def sae_statistics(
             continue
         x_hat, a = sae(xb)
         a, x_hat = a[:, instance], x_hat[:, instance]
-        fired += (a > 0).sum(0).double()
-        nonzero += float((a != 0).sum())
+        on = active(a)  # [b, d_sae]
+        fired += on.sum(0).double()
+        n_active += float(on.sum())
         err += float((xb - x_hat).double().pow(2).sum())
         s1 += xb.double().sum(0)
         s2 += float(xb.double().pow(2).sum())
@@ -200,15 +205,15 @@ def sae_statistics(
     if not var > 0:
         raise ValueError("the kept rows have zero variance: FVU is undefined")
     density = (fired / n).float()
-    return {"L0": nonzero / n, "FVU": err / var, "density": density,
+    return {"L0": n_active / n, "FVU": err / var, "density": density,
             "dead_frac": float((density == 0).float().mean()), "n_tokens": n}
 
 
 def latent_density(
     acts: Float[Tensor, "n_seq pos d_sae"], drop_bos: bool = True, mask: Tensor | None = None
 ) -> Float[Tensor, " d_sae"]:
-    """Feature density: fraction of the valid tokens (``mask``; BOS excluded when ``drop_bos``)
-    where each latent is > 0."""
+    """Feature density (:func:`saelib.core.metrics.feature_density`) over the valid tokens
+    (``mask``; BOS excluded when ``drop_bos``): the fraction where each latent is active."""
     if acts.ndim != 3:
         raise ValueError(f"acts must be [n_seq, pos, d_sae], got shape {tuple(acts.shape)}")
     valid = _mask(acts.shape, mask).clone()
@@ -217,7 +222,7 @@ def latent_density(
     n = int(valid.sum())
     if n == 0:
         raise ValueError("no valid token to compute a density over")
-    return (acts > 0)[valid].float().sum(0) / n
+    return active(acts)[valid].float().sum(0) / n
 
 
 def dense_latents(density: Float[Tensor, " d_sae"], threshold: float = 0.1) -> Int[Tensor, " n_dense"]:
@@ -264,7 +269,7 @@ def top_contexts(
     if skip_bos:
         a[:, 0] = 0
     flat = a.flatten()
-    n = min(k, int((flat > 0).sum()))
+    n = min(k, int(active(flat).sum()))
     idx = torch.argsort(-flat, stable=True)[:n]
     ends = valid.sum(1)
     return [_context(latent_acts, tokens, decode, int(i) // a.shape[1], int(i) % a.shape[1], window,
@@ -316,7 +321,7 @@ def position_profile(latent_acts: Float[Tensor, "n_seq pos"], mask: Tensor | Non
     a = latent_acts.float().masked_fill(~valid, float("nan"))
     return {
         "mean": a.nanmean(0),
-        "freq": ((latent_acts > 0) & valid).float().sum(0) / valid.sum(0),
+        "freq": (active(latent_acts) & valid).float().sum(0) / valid.sum(0),
         "q90": a.nanquantile(0.9, dim=0),
         "count": valid.sum(0).float(),
     }
@@ -351,8 +356,8 @@ def bos_profile(latent_acts: Float[Tensor, "n_seq pos"], mask: Tensor | None = N
     valid = _mask(latent_acts.shape, mask)
     rest = valid[:, 1:]
     return {
-        "bos": float((latent_acts[:, 0] > 0).float().mean()),
-        "non_bos": float(((latent_acts[:, 1:] > 0) & rest).sum() / rest.sum().clamp(min=1)),
+        "bos": float(active(latent_acts[:, 0]).float().mean()),
+        "non_bos": float((active(latent_acts[:, 1:]) & rest).sum() / rest.sum().clamp(min=1)),
     }
 
 
@@ -412,7 +417,7 @@ def examine_latents(
         a = acts[:, :, int(j)].masked_fill(~_mask(acts.shape, mask), 0)
         bos = bos_profile(a, mask)
         flat = a[:, 1:].flatten()
-        top_idx = torch.argsort(-flat, stable=True)[: min(50, int((flat > 0).sum()))]
+        top_idx = torch.argsort(-flat, stable=True)[: min(50, int(active(flat).sum()))]
         top_ids = tokens[:, 1:].flatten()[top_idx].tolist()
         counts: dict[int, int] = {}
         for t in top_ids:
@@ -480,7 +485,8 @@ def plot_position_profiles(
     :func:`examine_latents`)."""
     n = max(1, len(latents))
     n_rows = (n + n_cols - 1) // n_cols
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.2 * n_cols, 2.2 * n_rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * n_cols, 2.2 * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     pos = np.arange(acts.shape[1])
     for ax in axes.flat:
         ax.set_visible(False)
@@ -538,7 +544,8 @@ def plot_density_histogram(
 ) -> Figure:
     """Histogram of log10 feature density, one curve per SAE, with dead latents (density 0)
     counted in the legend and the dense threshold marked."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    fig = Figure(figsize=(6.5, 3.5))
+    ax = fig.subplots()
     finite = [d[d > 0] for d in densities.values()]
     low = min([float(d.min()) for d in finite if d.numel()], default=1e-6)
     edges = np.linspace(np.floor(np.log10(low)), 0, bins + 1)
@@ -557,13 +564,13 @@ def plot_density_histogram(
     return fig
 
 
-def _draw_contexts(ax: plt.Axes, contexts: Sequence[Context], title: str, max_act: float, width: int) -> None:
+def _draw_contexts(ax: Axes, contexts: Sequence[Context], title: str, max_act: float, width: int) -> None:
     ax.set_axis_off()
     ax.set_title(title, fontsize=9, loc="left")
     n = max(1, len(contexts))
     ax.set_xlim(0, width)
     ax.set_ylim(n, 0)
-    cmap = plt.get_cmap("Reds")
+    cmap = colormaps["Reds"]
     for row, c in enumerate(contexts):
         ax.text(0, row + 0.5, f"{c.act:6.2f}", family="monospace", fontsize=7, va="center")
         x = 8.0
@@ -585,7 +592,8 @@ def _draw_contexts(ax: plt.Axes, contexts: Sequence[Context], title: str, max_ac
 def plot_contexts(contexts: Sequence[Context], title: str = "", width: int = 110) -> Figure:
     """The contexts as highlighted tokens (red, opacity ∝ activation) in a matplotlib figure."""
     top = max((max(c.acts) for c in contexts), default=1.0) or 1.0
-    fig, ax = plt.subplots(figsize=(11, 0.3 * max(1, len(contexts)) + 0.5))
+    fig = Figure(figsize=(11, 0.3 * max(1, len(contexts)) + 0.5))
+    ax = fig.subplots()
     _draw_contexts(ax, contexts, title, top, width)
     return fig
 
@@ -612,7 +620,7 @@ def plot_latent_report(
     prof = {key: v.numpy()[keep] for key, v in prof.items()}
     bos = bos_profile(latent_acts, mask)
     max_act = max(float(latent_acts[:, 1:].max()), 1e-8)
-    fig = plt.figure(figsize=(12, 0.32 * (len(top) + len(bottom)) + 3.6))
+    fig = Figure(figsize=(12, 0.32 * (len(top) + len(bottom)) + 3.6))
     gs = fig.add_gridspec(3, 1, height_ratios=[max(1, len(top)), max(1, len(bottom)), 7.0])
     _draw_contexts(fig.add_subplot(gs[0]), top, f"{title}  top activations", max_act, 110)
     _draw_contexts(fig.add_subplot(gs[1]), bottom, f"bottom {frac:.0%} of max ({max_act:.2f})", max_act, 110)

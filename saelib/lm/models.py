@@ -5,10 +5,10 @@ loss, a unigram baseline and batched activation collection through hooks.
 
 **Default model** (Nabeshima's choices for his sparse-MLP experiments, EXPERIMENTS.md part F:
 4 layers, ReLU MLPs, no LayerNorm), sized for a CPU: ``d_model=128, d_mlp=512, n_heads=4,
-d_head=32``, vocabulary and context from :class:`saelib.corpus.CorpusConfig` (4096, 128);
+d_head=32``, vocabulary and context from :class:`saelib.data.corpus.CorpusConfig` (4096, 128);
 1.9 M parameters. Trained with AdamW on random training sequences (next-token cross-entropy),
 linear warm-up then cosine decay, gradient clipping; deterministic for a given config on a given
-machine and thread count (trained under ``torch.use_deterministic_algorithms``). Cached under :func:`saelib.corpus.cache_dir` as
+machine and thread count (trained under ``torch.use_deterministic_algorithms``). Cached under :func:`saelib.data.corpus.cache_dir` as
 ``lm-default-<key>/model.safetensors`` + ``config.json``, ``key`` hashing the config, the
 corpus and torch's intra-op thread count; a changed config or corpus trains a new model. The thread
 count is in the key as a precaution: CPU kernels may split work (and so round) differently with
@@ -45,8 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .corpus import EOT_TOKEN, CorpusConfig, TextCorpus, cache_dir, config_hash, load_corpus, tokenize_to_sequences
-from .persistence import atomic_write_bytes
+from ..data.corpus import EOT_TOKEN, CorpusConfig, TextCorpus, cache_dir, config_hash, load_corpus, tokenize_to_sequences
+from ..core.persistence import atomic_write_bytes
 
 __all__ = [
     "DefaultModelConfig",

@@ -15,11 +15,11 @@ import torch
 from matplotlib.figure import Figure
 
 from .absorption import AbsorptionScores, HedgingScores, absorption_scores, hedging_scores, instance_summary, train_hedging_pair
-from .matryoshka import MatryoshkaConfig
-from .plotting import sae_feature_heatmaps
-from .sae import SAE, SAEConfig
-from .toy_data import ToyHierarchy
-from .train import History, TrainConfig, train_sae
+from ..core.matryoshka import MatryoshkaConfig
+from ..figures.plotting import sae_feature_heatmaps
+from ..core.sae import SAE, SAEConfig
+from ..data.toy_data import ToyHierarchy
+from ..core.train import History, TrainConfig, train_sae
 
 __all__ = [
     "ToyComparison",
@@ -47,12 +47,12 @@ class ToyComparison:
 
     def summary(self, method: str) -> list[dict[str, float]]:
         """Per seed: MCC, recovered / stuck features and the parent/child cosine pattern
-        (:func:`saelib.absorption.instance_summary`)."""
+        (:func:`saelib.experiments.absorption.instance_summary`)."""
         return instance_summary(self.saes[method], self.hierarchy)
 
     def absorption(self, method: str, n: int = 20_000, seed: int = 1) -> AbsorptionScores:
         """SAEBench's full-absorption rate and absorption fraction of every seed of ``method`` on
-        ``n`` fresh samples drawn with ``seed`` (:func:`saelib.absorption.absorption_scores`;
+        ``n`` fresh samples drawn with ``seed`` (:func:`saelib.experiments.absorption.absorption_scores`;
         ``full_absorption`` / ``absorption_fraction`` are ``[n_inst]``). Raises KeyError for an
         unknown method."""
         x, coeffs = self.hierarchy.sample(n, torch.Generator().manual_seed(seed))
@@ -82,7 +82,7 @@ def compare_vanilla_matryoshka(
     ``d_sae`` latents (default: one per true feature).
 
     ``input_scale`` multiplies every input (Nabeshima normalises inputs to a mean norm of
-    ``sqrt(d)``, :meth:`saelib.toy_data.ToyHierarchy.input_scale`, so his sparsity coefficients
+    ``sqrt(d)``, :meth:`saelib.data.toy_data.ToyHierarchy.input_scale`, so his sparsity coefficients
     are in those units). ``methods`` picks which of ``"vanilla"`` and ``"matryoshka"`` to train.
 
     Raises ValueError for an ``input_scale`` that is not a finite positive number, or for empty
@@ -115,13 +115,13 @@ class NarrowSweep:
     ``child_cos_seeds`` / ``parent_cos_seeds`` are ``[n_q, n_l1, n_seeds]``: each trained decoder's
     cosine with the children (mean over children) and with the parent; ``child_cos`` /
     ``parent_cos`` are their medians over seeds, ``[n_q, n_l1]``; ``predicted`` is ``[n_q]``, the
-    closed-form child cosine of :func:`saelib.hedging.hedged_child_cosine`; ``mse`` is
+    closed-form child cosine of :func:`saelib.experiments.hedging.hedged_child_cosine`; ``mse`` is
     ``[n_q, n_l1]``, the median over seeds of the trained SAEs' reconstruction MSE on a fresh sample;
     ``sae`` holds the trained SAEs, one instance per (q, L1, seed) in that order.
 
     What is needed to train them further on the same data (:func:`narrow_sweep_hedging`):
-    ``trees`` (one :class:`~saelib.toy_data.ToyHierarchy` per instance, same order as ``sae``),
-    ``train_cfg`` (the :class:`~saelib.train.TrainConfig` of the sweep: steps, batch size, lr,
+    ``trees`` (one :class:`~saelib.data.toy_data.ToyHierarchy` per instance, same order as ``sae``),
+    ``train_cfg`` (the :class:`~saelib.core.train.TrainConfig` of the sweep: steps, batch size, lr,
     per-instance L1 coefficients, seed), and the hierarchy's settings ``p_parent``,
     ``n_children``, ``exclusive``. They default to None / the sweep's defaults so that a
     ``NarrowSweep`` built by older code still constructs; :func:`narrow_sweep_hedging` then refuses it.
@@ -168,7 +168,7 @@ def narrow_sae_sweep(
     about 1 seed in 8). ``n_seeds`` SAEs per pair differ in their initialisation and data draws
     (instance order: q, then L1, then seed). Raises ValueError if ``n_seeds < 1``."""
     from .hedging import hedged_child_cosine
-    from .toy_data import chanin_parent_children, stacked_sampler
+    from ..data.toy_data import chanin_parent_children, stacked_sampler
 
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
@@ -217,7 +217,7 @@ class NarrowSweepHedging:
             onto the span of the new decoder rows.
         baseline_proj: the same for random subspaces of the same dimension (mean over draws).
         delta_norm: ``||delta||``, the whole change of the old row.
-        scores: the :class:`~saelib.absorption.HedgingScores` over all instances (flat, in the
+        scores: the :class:`~saelib.experiments.absorption.HedgingScores` over all instances (flat, in the
             sweep's (q, L1, seed) order), with the drift since the sweep's SAE.
         extended, control: the SAEs trained further (``d_sae = 1 + n_new`` and ``1``).
     """
@@ -248,13 +248,13 @@ def narrow_sweep_hedging(
     """Hedging rate (Chanin et al. 2025, arXiv 2505.11756) of every 1-latent SAE of a narrow sweep.
 
     Each trained 1-latent SAE of ``sweep`` is extended with ``n_new`` latents
-    (:func:`saelib.absorption.extend_sae`, the reference's initialisation) and trained further
+    (:func:`saelib.experiments.absorption.extend_sae`, the reference's initialisation) and trained further
     beside a copy of itself at width 1 (the control), both with the sweep's own training
     configuration (same L1 coefficient per instance, lr, batch size, schedule, dead-latent
     resampling) on the data each instance was trained on: instance ``i`` draws from
     ``sweep.trees[i]`` through the same stacked sampler and seed as the sweep, so it sees the same
-    data stream again (:func:`saelib.absorption.train_hedging_pair`). The old row's move in the
-    extended SAE relative to the control is scored by :func:`saelib.absorption.hedging_scores`:
+    data stream again (:func:`saelib.experiments.absorption.train_hedging_pair`). The old row's move in the
+    extended SAE relative to the control is scored by :func:`saelib.experiments.absorption.hedging_scores`:
     a single latent that hedged (merged its children into the parent direction) gives the children
     up to the new latents and moves into their span.
 
@@ -276,16 +276,16 @@ def narrow_sweep_hedging(
             recorded), its sizes disagree, it was trained with ``independent_instances`` (the
             stacked sampler cannot serve it), ``n_new`` is not an int >= 1 or leaves no room for a
             random baseline (``1 + n_new >= d_in``), or ``steps`` is not an int >= 1; and whatever
-            :func:`saelib.absorption.extend_sae`, :func:`saelib.train.train_sae` and
-            :func:`saelib.absorption.hedging_scores` raise.
+            :func:`saelib.experiments.absorption.extend_sae`, :func:`saelib.core.train.train_sae` and
+            :func:`saelib.experiments.absorption.hedging_scores` raise.
 
     Source: Chanin et al. 2025, "Feature hedging" (arXiv 2505.11756), reference code
     ``chanind/feature-hedging-paper`` (``hedging_paper/evals/hedging_eval.py``,
     ``hedging_paper/scripts/train_hedging_eval_batch_topk_sae.py``). Adaptations beyond those of
-    :mod:`saelib.absorption`: the SAEs are ReLU + L1 bias-free 1-latent SAEs (the reference scores
+    :mod:`saelib.experiments.absorption`: the SAEs are ReLU + L1 bias-free 1-latent SAEs (the reference scores
     BatchTopK SAEs of an LLM), and the further training replays the toy data stream.
     """
-    from .toy_data import stacked_sampler
+    from ..data.toy_data import stacked_sampler
 
     if sweep.sae is None or sweep.trees is None or sweep.train_cfg is None:
         raise ValueError(

@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from .metrics import cosine_matrix, decoder_cosines, encoder_cosines, hungarian_order
-from .persistence import atomic_write_bytes
+from ..core.metrics import cosine_matrix, decoder_cosines, encoder_cosines, hungarian_order
+from ..core.persistence import atomic_write_bytes
 
 __all__ = ["cosine_heatmap", "sae_feature_heatmaps", "hedging_sweep_figure", "save_figure", "figures_root", "FIGURE_DPI"]
 
@@ -153,7 +153,7 @@ def sae_feature_heatmaps(
     parent/child ``blocks`` outlined. Pass one instance: ``sae.W_enc[i]``, ``sae.W_dec[i]``,
     ``sae.b_dec[i]``.
 
-    Raises ValueError if the shapes disagree (see :func:`saelib.metrics.decoder_cosines`), or as
+    Raises ValueError if the shapes disagree (see :func:`saelib.core.metrics.decoder_cosines`), or as
     :func:`cosine_heatmap`. Source: Nabeshima 2024 toy heatmaps (EXPERIMENTS.md part A/B).
     """
     dec = decoder_cosines(W_dec, features)  # [d_sae, n_feat]

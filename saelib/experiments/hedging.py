@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .toy_data import ToyHierarchy
+from ..data.toy_data import ToyHierarchy
 
 __all__ = [
     "hedging_coefficient",

@@ -1,27 +1,27 @@
-"""Sparse MLPs (transcoders) that replace a transformer's MLP layer: training over a sweep of
-sparsity penalties, splicing them into the model to measure loss recovered, and comparing their
-neurons with the original MLP's.
+"""The sparse-MLP experiment (Nabeshima, seed 004 / EXPERIMENTS.md part F): transcoders
+trained on an LM's MLP layers over a sweep of sparsity penalties, spliced into the model to
+measure loss recovered, compared neuron by neuron with the original MLP, and set against the
+published numbers in tables and figures.
 
-A sparse MLP for layer ``l`` reads the MLP's input (``blocks.l.hook_resid_mid`` in a model
-without normalisation, else ``blocks.l.ln2.hook_normalized``) and predicts the MLP's output
-(``blocks.l.hook_mlp_out``) through ``d_sae`` ReLU latents: a :class:`saelib.sae.SAE` with
-``d_out`` set and ``apply_b_dec_to_input=False`` (Dunefsky et al. 2024, arXiv 2406.11944;
-Nabeshima's sparse MLPs, seed 004 / EXPERIMENTS.md part F).
+What a transcoder (sparse MLP) is, where it reads and writes, and how its normalisation folds
+into its weights: :mod:`saelib.core.transcoder` (:class:`~saelib.core.transcoder.SparseMLP`,
+:func:`~saelib.core.transcoder.mlp_hook_names`, :func:`~saelib.core.transcoder.fold_scales`).
 
 **Penalty and normalisation.** Nabeshima's objective is MSE plus ``2**S`` times the mean latent
 activation per token. Here, before training, inputs and targets are each multiplied by a fixed
 scalar so that their mean squared norm over the training tokens equals ``d_model`` (one unit of
-variance per dimension; :func:`normalisation_scale`). The objective per instance is then::
+variance per dimension; :func:`saelib.core.normalisation.normalisation_scale`). The objective
+per instance is then::
 
     mean_tokens ||y - y_hat||² / d_model  +  2**S * mean_tokens mean_j (a_j * ||W_dec[j]||)
 
 i.e. per-element MSE plus ``2**S`` times the mean over latents of the decoder-norm-weighted
 activation (weighting by the decoder norm stops the optimiser from shrinking activations while
 growing decoder rows; with unit-norm decoder rows it is the plain mean activation). In
-:func:`saelib.train.train_sae` units (squared error summed over ``d_model``, penalty summed over
-latents) that is ``l1_coeff = d_model * 2**S / d_sae``. After training the two scalars are
-folded into the weights (:func:`fold_scales`), so a trained sparse MLP maps raw MLP inputs to
-raw MLP outputs and latent activations are unchanged.
+:func:`saelib.core.train.train_sae` units (squared error summed over ``d_model``, penalty summed
+over latents) that is ``l1_coeff = d_model * 2**S / d_sae``. After training the two scalars are
+folded into the weights (:func:`saelib.core.transcoder.fold_scales`), so a trained sparse MLP
+maps raw MLP inputs to raw MLP outputs and latent activations are unchanged.
 
 **Loss recovered** (:func:`spliced_losses`), on held-out sequences, with the MLP output of one
 layer replaced at every position except BOS (position 0) by, in turn, zeros, its mean over the
@@ -43,22 +43,24 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from jaxtyping import Float, Int
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, utils
 
-from .metrics import cosine_matrix
-from .sae import SAE, SAEConfig
-from .train import History, TrainConfig, train_sae
+from ..core.metrics import active, cosine_matrix
+from ..core.normalisation import normalisation_scale
+from ..core.sae import SAE, SAEConfig
+from ..core.train import TrainConfig, train_sae
+from ..core.transcoder import SparseMLP, fold_scales, mlp_hook_names
 
 if TYPE_CHECKING:
-    from .corpus import DocumentTokens
-    from .lm import LanguageModel
+    from ..data.corpus import DocumentTokens
+    from ..lm.models import LanguageModel
 
 __all__ = [
     "NABESHIMA_LOSS_ORIG",
@@ -67,12 +69,8 @@ __all__ = [
     "NABESHIMA_RECOVERED_S6",
     "ANTHROPIC_A1_RECOVERED",
     "SparseMLPConfig",
-    "SparseMLP",
     "LossRecovered",
-    "mlp_hook_names",
-    "normalisation_scale",
     "penalty_coefficients",
-    "fold_scales",
     "train_sparse_mlps",
     "loss_recovered",
     "spliced_losses",
@@ -140,77 +138,10 @@ class SparseMLPConfig:
             raise ValueError(f"SparseMLPConfig.S_values must be finite, got {self.S_values}")
 
 
-@dataclass
-class SparseMLP:
-    """Trained sparse MLPs for one layer, one :class:`SAE` instance per ``S`` (weights in model
-    units: they read the raw MLP input and write the raw MLP output)."""
-
-    sae: SAE
-    layer: int
-    S_values: tuple[float, ...]
-    in_hook: str
-    out_hook: str
-    in_scale: float = 1.0
-    out_scale: float = 1.0
-    history: History | None = field(default=None, repr=False)
-
-    @torch.no_grad()
-    def __call__(self, mlp_in: Float[Tensor, "... d_model"]) -> Float[Tensor, "... inst d_model"]:
-        """Predicted MLP output of every instance (on the SAE's device, in its dtype)."""
-        lead = mlp_in.shape[:-1]
-        out, _ = self.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(self.sae.W_enc))  # [n, inst, d_model]
-        return out.reshape(*lead, self.sae.n_inst, self.sae.d_out)
-
-    @torch.no_grad()
-    def latents(self, mlp_in: Float[Tensor, "... d_model"]) -> Float[Tensor, "... inst d_sae"]:
-        """Sparse-neuron activations of every instance (on the SAE's device, in its dtype)."""
-        lead = mlp_in.shape[:-1]
-        acts = self.sae.encode(mlp_in.reshape(-1, mlp_in.shape[-1]).to(self.sae.W_enc))
-        return acts.reshape(*lead, self.sae.n_inst, self.sae.d_sae)
-
-
-def mlp_hook_names(model: HookedTransformer, layer: int) -> tuple[str, str]:
-    """``(input hook, output hook)`` of layer ``layer``'s MLP: the residual stream after
-    attention (no normalisation) or ``ln2``'s normalised output, and ``hook_mlp_out``.
-
-    Raises ValueError if ``layer`` is not a layer of the model.
-    """
-    if not (0 <= layer < model.cfg.n_layers):
-        raise ValueError(f"layer must be in [0, {model.cfg.n_layers}), got {layer}")
-    if model.cfg.normalization_type is None:
-        in_hook = utils.get_act_name("resid_mid", layer)
-    else:
-        in_hook = utils.get_act_name("normalized", layer, "ln2")
-    return in_hook, utils.get_act_name("mlp_out", layer)
-
-
-def normalisation_scale(x: Float[Tensor, "n d"]) -> float:
-    """The scalar ``c`` with ``mean_n ||c x||² = d``. Raises ValueError if ``x`` is all zeros."""
-    ms = float(x.double().pow(2).sum(-1).mean())
-    if not ms > 0:
-        raise ValueError(f"activations have mean squared norm {ms}: cannot normalise")
-    return math.sqrt(x.shape[-1] / ms)
-
-
 def penalty_coefficients(S_values: Sequence[float], d_model: int, d_sae: int) -> list[float]:
-    """``l1_coeff`` per instance for :func:`saelib.train.train_sae`: ``d_model * 2**S / d_sae``
+    """``l1_coeff`` per instance for :func:`saelib.core.train.train_sae`: ``d_model * 2**S / d_sae``
     (see the module docstring)."""
     return [d_model * 2.0**s / d_sae for s in S_values]
-
-
-@torch.no_grad()
-def fold_scales(sae: SAE, in_scale: float, out_scale: float) -> None:
-    """Fold input/output normalisation into the weights in place: an SAE trained on
-    ``(in_scale * x, out_scale * y)`` becomes one that maps ``x`` to ``y`` with the same latent
-    activations. Raises ValueError for ``apply_b_dec_to_input=True`` (an SAE, not a transcoder)
-    or non-positive scales."""
-    if sae.cfg.apply_b_dec_to_input:
-        raise ValueError("fold_scales needs a transcoder (apply_b_dec_to_input=False)")
-    if not (in_scale > 0 and out_scale > 0):
-        raise ValueError(f"scales must be > 0, got in_scale={in_scale}, out_scale={out_scale}")
-    sae.W_enc.mul_(in_scale)
-    sae.W_dec.div_(out_scale)
-    sae.b_dec.div_(out_scale)
 
 
 def train_sparse_mlps(
@@ -225,7 +156,7 @@ def train_sparse_mlps(
     objective), and fold the normalisation into the weights.
 
     Raises ValueError if the two tensors differ in length or are not 2-D, and
-    :class:`saelib.train.TrainingDivergedError` if training diverges.
+    :class:`saelib.core.train.TrainingDivergedError` if training diverges.
     """
     if mlp_in.ndim != 2 or mlp_out.ndim != 2 or len(mlp_in) != len(mlp_out):
         raise ValueError(f"mlp_in and mlp_out must be [n_tok, d] with equal n_tok, got {tuple(mlp_in.shape)}, {tuple(mlp_out.shape)}")
@@ -335,7 +266,7 @@ def spliced_losses(
     module docstring for definitions and the averaging order).
 
     ``tokens``: full rows ``[n_seq, pos]``, or document-aligned rows
-    (:class:`saelib.corpus.DocumentTokens`), whose padding is never predicted nor read (a causal
+    (:class:`saelib.data.corpus.DocumentTokens`), whose padding is never predicted nor read (a causal
     model's valid positions do not see it). Rows are batched by length, ``tokens_per_batch``
     tokens per forward pass. One clean pass per batch caches the residual stream before the MLP
     (``hook_resid_mid``), the MLP's input and output; every variant then writes
@@ -347,8 +278,8 @@ def spliced_losses(
     every variant, since the sparse MLP never saw BOS in training), else at every position.
     Raises ValueError if ``mean_mlp_out`` has the wrong width.
     """
-    from .activations import length_batches
-    from .corpus import DocumentTokens
+    from ..lm.activations import length_batches
+    from ..data.corpus import DocumentTokens
 
     d_model = model.cfg.d_model
     if mean_mlp_out.shape != (d_model,):
@@ -403,7 +334,7 @@ def spliced_losses(
                 sums[name] += ce
                 kls[name] += kl
         for i in range(n_inst):
-            l0[i] += float((acts[..., i, :][spliced] > 0).sum())
+            l0[i] += float(active(acts[..., i, :][spliced]).sum())
         n_spliced += int(spliced.sum())
     return LossRecovered(
         layer=layer,
@@ -484,7 +415,7 @@ def sparse_mlp_sweep(
 ) -> SparseMLPSweep:
     """For each layer: train one sparse MLP per ``S`` on the MLP's input and output over
     ``train_docs`` (every non-BOS token; harvested once for all layers with
-    :func:`saelib.activations.harvest_activations`, so cached), splice them into the model on
+    :func:`saelib.lm.activations.harvest_activations`, so cached), splice them into the model on
     ``heldout_docs`` (:func:`spliced_losses`; mean ablation with the training mean) and compare
     their neurons with the original MLP's (:func:`neuron_cosines`). Layers are trained one at a
     time, so memory holds one layer's activations.
@@ -492,7 +423,7 @@ def sparse_mlp_sweep(
     ``seconds`` records ``"collect"`` (harvest, or reading the cache), ``"train"`` and
     ``"evaluate"``. Raises ValueError for a layer the model does not have.
     """
-    from .activations import harvest_activations
+    from ..lm.activations import harvest_activations
 
     model = lm.model
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
@@ -512,7 +443,7 @@ def sparse_mlp_sweep(
                                             progress=cfg.progress)
         alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool, device=sm.sae.W_enc.device)
         for i in range(0, len(x), 2048):
-            alive |= (sm.latents(x[i : i + 2048]) > 0).any(0)
+            alive |= active(sm.latents(x[i : i + 2048])).any(0)
         cos = neuron_cosines(model, sm)
         out.best_cos[layer] = {part: max_neuron_cosines(cos[part], alive) for part in ("enc", "dec")}
         out.alive_frac[layer] = alive.float().mean(-1).tolist()
@@ -590,8 +521,9 @@ def plot_loss_recovered(results: Sequence[LossRecovered], max_l0: float | None =
     per layer through its ``S`` values (labelled). Anthropic's 79 % is the dashed line;
     Nabeshima's S = 6 values (his layers 0-3, L0 not published) are the dotted lines at the
     right edge; ``max_l0`` is marked as a vertical line."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(1, len(results))))
+    fig = Figure(figsize=(14, 4))
+    axes = fig.subplots(1, 3)
+    colors = colormaps["viridis"](np.linspace(0, 0.9, max(1, len(results))))
     for r, c in zip(results, colors):
         axes[0].plot(r.l0, r.recovered, "o-", color=c, label=f"layer {r.layer}")
         axes[1].plot(r.l0, r.recovered_vs_mean, "o-", color=c, label=f"layer {r.layer}")
@@ -627,8 +559,9 @@ def plot_neuron_cosines(
     ``best_cos[layer]["enc" | "dec"]`` is the list (one per ``S``) from :func:`max_neuron_cosines`.
     """
     layers = sorted(best_cos)
-    fig, axes = plt.subplots(len(layers), 2, figsize=(9, 2.1 * len(layers)), squeeze=False, sharex=True)
-    colors = plt.get_cmap("plasma")(np.linspace(0, 0.85, len(S_values)))
+    fig = Figure(figsize=(9, 2.1 * len(layers)))
+    axes = fig.subplots(len(layers), 2, squeeze=False, sharex=True)
+    colors = colormaps["plasma"](np.linspace(0, 0.85, len(S_values)))
     edges = np.linspace(0, 1, bins + 1)
     for row, layer in enumerate(layers):
         for col, part in enumerate(("enc", "dec")):

@@ -1,7 +1,7 @@
 """Figures that compare training variants: per-variant metric strips, sweeps, cosines over
 training, FVU-vs-L0 Pareto fronts, gradient bars and implied prior densities.
 
-Companion of :mod:`saelib.plotting` (heatmaps and :func:`saelib.plotting.save_figure`), for
+Companion of :mod:`saelib.figures.plotting` (heatmaps and :func:`saelib.figures.plotting.save_figure`), for
 notebooks 03 and 04. Every function returns a :class:`matplotlib.figure.Figure` built without
 pyplot and never shows it.
 """
@@ -16,7 +16,7 @@ from jaxtyping import Float
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .penalties import PRIOR_FAMILY, implied_log_prior, prior_density, prior_is_proper
+from ..core.penalties import PRIOR_FAMILY, implied_log_prior, prior_density, prior_is_proper
 
 __all__ = [
     "metric_strips",
@@ -44,7 +44,7 @@ def metric_strips(
     """One panel per metric: every instance of every variant as a dot, the variant mean as a bar.
 
     ``table`` is ``{variant: {metric: [n_seeds]}}`` (see
-    :func:`saelib.hierarchy_analysis.group_table`); ``labels`` renames metrics on the axes.
+    :func:`saelib.experiments.hierarchy_analysis.group_table`); ``labels`` renames metrics on the axes.
     Raises ValueError if a metric is missing from a variant.
     """
     variants = list(table)
@@ -162,7 +162,7 @@ def method_scatter(
 ) -> Figure:
     """A metric against L0 for several methods: ``points[name] = (l0 [n], value [n])``.
 
-    ``front[name]`` (bool ``[n]``, e.g. from :func:`saelib.hierarchy_analysis.pareto_front`)
+    ``front[name]`` (bool ``[n]``, e.g. from :func:`saelib.experiments.hierarchy_analysis.pareto_front`)
     joins that method's selected points with a line. ``true_l0`` draws the data's true L0.
     """
     fig = Figure(figsize=(5.4, 3.8), layout="constrained")
@@ -206,7 +206,7 @@ def prior_density_plot(
     implies at ``coeff``, ``p(s) ∝ exp(-coeff·pen(s))``, normalised on ``[0, s_max]`` (improper
     priors are marked "truncated"), log scale.
 
-    Raises ValueError as :func:`saelib.penalties.prior_density`.
+    Raises ValueError as :func:`saelib.core.penalties.prior_density`.
     """
     s = torch.linspace(0.0, s_max, n_grid, dtype=torch.float64)
     small = torch.logspace(-6, 1, 200, dtype=torch.float64, requires_grad=True)

@@ -3,7 +3,7 @@
 One :class:`SAE` object holds ``n_inst`` independent SAEs (several seeds, or a hyperparameter
 sweep) whose parameters carry a leading ``inst`` dimension, as in Toy Models of Superposition
 and ARENA 1.3. Instances never interact: every loss is a sum over instances, gradient clipping
-and the adaptive L1 coefficient are per instance (see :mod:`saelib.train`).
+and the adaptive L1 coefficient are per instance (see :mod:`saelib.core.train`).
 
 Shapes (one vocabulary everywhere)::
 
@@ -61,7 +61,7 @@ class SAEConfig:
         seed: seed of the initialisation; each instance gets its own draw.
         device: where the parameters live, a ``torch.device`` string (SAELens's convention):
             ``"cpu"`` (default), ``"cuda"``, ``"cuda:1"``, ``"mps"`` ... Training follows it: every
-            tensor :func:`saelib.train.train_sae` makes is made on the parameters' device.
+            tensor :func:`saelib.core.train.train_sae` makes is made on the parameters' device.
         dtype: parameter dtype name (SAELens's convention): ``"float32"`` (default),
             ``"float64"``, ``"float16"`` or ``"bfloat16"`` (``"torch.float64"`` and
             ``torch.float64`` are accepted and stored as ``"float64"``). The initial weights
@@ -299,7 +299,7 @@ class SAE(nn.Module):
 
         A plain forward pass: for speed it does not check ``x`` for NaN/inf, which pass through
         (ReLU and TopK alike) into the activations. Data are checked where they enter training
-        (:func:`saelib.train.train_sae`) and the metrics (:mod:`saelib.metrics`).
+        (:func:`saelib.core.train.train_sae`) and the metrics (:mod:`saelib.core.metrics`).
 
         Raises ValueError if the shape does not match ``d_in`` / ``n_inst``.
         """

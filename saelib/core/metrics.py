@@ -1,7 +1,19 @@
 """Metrics for judging SAEs: cosines with true features, Hungarian matching, MCC, FVU, L0,
 feature density, dead latents, and SAE-vs-SAE statistics.
 
-Shapes (the vocabulary of :mod:`saelib.sae`)::
+This module holds the one definition of each quantity; every other module computes it through
+these functions (training's logs and controller, the experiments' streamed and masked forms):
+
+* a latent is **active** (fires) on a sample when its activation is ``> 0`` (:func:`active`);
+  SAE activations are ``>= 0`` (ReLU, TopK and BatchTopK of ReLU), so this is also ``!= 0``;
+* **L0**: mean over samples of the number of active latents (:func:`l0`);
+* **feature density**: fraction of samples on which a latent is active (:func:`feature_density`);
+* **FVU**: summed squared error (:func:`squared_error`) over the summed squared deviation from
+  the batch mean (:func:`total_variance`) (:func:`fvu`).
+
+Activation normalisation is defined in :mod:`saelib.core.normalisation`.
+
+Shapes (the vocabulary of :mod:`saelib.core.sae`)::
 
     W_enc     [d_in, d_sae]      (one instance: ``sae.W_enc[i]``; stored as in SAELens)
     W_dec     [d_sae, d_in]      (one instance: ``sae.W_dec[i]``)
@@ -32,7 +44,10 @@ __all__ = [
     "hungarian_match",
     "hungarian_order",
     "mcc",
+    "squared_error",
+    "total_variance",
     "fvu",
+    "active",
     "l0",
     "feature_density",
     "dead_latents",
@@ -230,17 +245,33 @@ def best_match_stats(W_a: Float[Tensor, "n d"], W_b: Float[Tensor, "m d"]) -> di
 
 
 # ---------------------------------------------------------------------------- reconstruction
+def squared_error(x: Float[Tensor, "batch *inst d"], x_hat: Float[Tensor, "batch *inst d"]) -> Float[Tensor, "batch *inst"]:
+    """Squared error of each sample, summed over the last dimension: ``||x - x_hat||²``.
+
+    No checks (it runs inside training); :func:`fvu` validates its inputs."""
+    return (x - x_hat).pow(2).sum(-1)
+
+
+def total_variance(x: Float[Tensor, "batch *inst d"], mean: Tensor | None = None) -> Float[Tensor, "*inst"]:
+    """``sum_batch ||x - mean||²``: the denominator of :func:`fvu`. ``mean`` defaults to the batch
+    mean ``x.mean(0, keepdim=True)``; data-parallel training passes the mean of the combined
+    batch. No checks."""
+    centre = x.mean(0, keepdim=True) if mean is None else mean
+    return (x - centre).pow(2).sum(-1).sum(0)
+
+
 def fvu(x: Float[Tensor, "batch *inst d"], x_hat: Float[Tensor, "batch *inst d"]) -> Tensor:
     """Fraction of variance unexplained of a reconstruction.
 
     ``FVU = sum_batch ||x - x_hat||² / sum_batch ||x - mean_batch(x)||²``, squared norms over
     the last dimension ``d``, means and sums over the batch (first) dimension: 0 is perfect,
-    1 is no better than predicting the batch mean. The same formula as the FVU logged by
-    :func:`saelib.train.train_sae`.
+    1 is no better than predicting the batch mean. The FVU logged by
+    :func:`saelib.core.train.train_sae` is the same formula (:func:`squared_error`,
+    :func:`total_variance`) without the checks, its variance clamped at ``1e-12``.
 
     Shapes: ``[batch, d]`` → scalar; ``[batch, inst, d]`` → ``[inst]``. As a convenience
     ``x`` may be ``[batch, d]`` with ``x_hat`` ``[batch, inst, d]`` (one input broadcast to every
-    instance, as :class:`saelib.sae.SAE` does) → ``[inst]``.
+    instance, as :class:`saelib.core.sae.SAE` does) → ``[inst]``.
 
     Raises ValueError if the shapes do not match (other than that broadcast), are not 2-D/3-D,
     if ``x`` or ``x_hat`` contains NaN/inf, or if ``x`` has zero variance over the batch (FVU
@@ -258,8 +289,8 @@ def fvu(x: Float[Tensor, "batch *inst d"], x_hat: Float[Tensor, "batch *inst d"]
         raise ValueError("fvu: x contains NaN or inf values")
     if not torch.isfinite(x_hat).all():
         raise ValueError("fvu: x_hat contains NaN or inf values")
-    err = (x - x_hat).pow(2).sum(-1).sum(0)  # [] or [inst]
-    var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)  # [] or [inst]
+    err = squared_error(x, x_hat).sum(0)  # [] or [inst]
+    var = total_variance(x)  # [] or [inst]
     if (var <= 0).any():
         raise ValueError(
             f"fvu: x has zero variance over the batch (per instance: {var.tolist()}), FVU is undefined"
@@ -282,25 +313,36 @@ def _check_acts(acts: Tensor) -> None:
         )
 
 
-def l0(acts: Float[Tensor, "batch *rest d_sae"]) -> Float[Tensor, "*rest"]:
-    """L0: mean over the batch of the number of nonzero latents per sample.
+def active(acts: Float[Tensor, "*shape"]) -> Bool[Tensor, "*shape"]:
+    """Which latents are active (fire): activation ``> 0``. The one definition behind
+    :func:`l0`, :func:`feature_density`, :func:`dead_latents` and every firing count in saelib.
 
-    ``acts`` ``[batch, d_sae]`` → scalar; ``[batch, inst, d_sae]`` → ``[inst]``. Any value
-    ``!= 0`` counts (negative values too). Raises ValueError if ``acts`` has fewer than 2 dims,
-    an empty batch, or contains NaN/inf.
+    SAE activations are ``>= 0`` (ReLU, TopK and BatchTopK of ReLU), so on them ``> 0`` and
+    ``!= 0`` agree; a NaN is not active. No checks (it runs inside training)."""
+    return acts > 0
+
+
+def l0(acts: Float[Tensor, "batch *rest d_sae"]) -> Float[Tensor, "*rest"]:
+    """L0: mean over the batch of the number of active latents (:func:`active`, ``> 0``) per
+    sample.
+
+    ``acts`` ``[batch, d_sae]`` → scalar; ``[batch, inst, d_sae]`` → ``[inst]``. Negative values
+    do not count (SAE activations have none). Raises ValueError if ``acts`` has fewer than 2
+    dims, an empty batch, or contains NaN/inf.
     """
     _check_acts(acts)
-    return (acts != 0).sum(-1).to(torch.get_default_dtype()).mean(0)
+    return active(acts).sum(-1).to(torch.get_default_dtype()).mean(0)
 
 
 def feature_density(acts: Float[Tensor, "batch *rest d_sae"]) -> Float[Tensor, "*rest d_sae"]:
-    """Feature density: the fraction of samples (first dimension) on which each latent is > 0.
+    """Feature density: the fraction of samples (first dimension) on which each latent is active
+    (:func:`active`, ``> 0``).
 
     ``acts`` ``[batch, ..., d_sae]`` → ``[..., d_sae]``, values in ``[0, 1]``. Raises ValueError
     as :func:`l0`.
     """
     _check_acts(acts)
-    return (acts > 0).to(torch.get_default_dtype()).mean(0)
+    return active(acts).to(torch.get_default_dtype()).mean(0)
 
 
 def dead_latents(

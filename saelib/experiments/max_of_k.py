@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens.utils import get_act_name
 
+from ..core.metrics import active
 from . import feature_trees as ft
 
 __all__ = [
@@ -347,7 +348,7 @@ def label_latents(
     hist = activation_histogram(acts, gt["max"], d_vocab)  # [d_sae, d_vocab]
     purity, top = hist.max(-1)
     rng = max_range(hist, range_mass)
-    alive = (acts > 0).any(0)
+    alive = active(acts).any(0)
     secondary_values = {
         "query": (gt["query"], d_vocab),
         "nonmax": (gt["nonmax"] + 1, d_vocab + 1),  # -1 -> bin 0
@@ -381,7 +382,7 @@ def label_latents(
         secondary=secondary,
         secondary_top=secondary_top,
         alive=alive,
-        frequency=(acts > 0).float().mean(0),
+        frequency=active(acts).float().mean(0),
         range_mass=range_mass,
         gain_threshold=gain_threshold,
     )
@@ -469,7 +470,7 @@ def plot_max_histograms(hists: dict[str, Float[Tensor, "d_sae d_vocab"]], title:
 
 
 # ---------------------------------------------------------------------------- nesting of the split tree
-Node = tuple[int, int]  # (level, latent), as in saelib.feature_trees
+Node = tuple[int, int]  # (level, latent), as in saelib.experiments.feature_trees
 
 
 @dataclass(frozen=True)
@@ -565,8 +566,8 @@ def split_nesting(
 
     Args:
         links: the parent -> child links: a graph whose nodes are ``(level, latent)`` (e.g.
-            :func:`saelib.feature_trees.build_feature_dag` or its
-            :func:`~saelib.feature_trees.best_parent_tree`; its ``edges()`` are used), or an
+            :func:`saelib.experiments.feature_trees.build_feature_dag` or its
+            :func:`~saelib.experiments.feature_trees.best_parent_tree`; its ``edges()`` are used), or an
             iterable of ``(parent, child)`` node pairs.
         hists: per level, ``[d_sae_level, n_values]`` activation histograms over the maximum
             (:func:`activation_histogram` of that SAE's activations and
@@ -696,7 +697,7 @@ class SplitRun:
         widths: the SAE widths, narrowest first (level ``l`` of the graphs is ``widths[l]``).
         labels: per width, the :class:`LatentLabels` of its latents.
         summary: per width, :func:`summarize_labels` plus ``"distinct"`` (groups of latents that
-            are not duplicates, :func:`saelib.feature_trees.duplicate_groups`).
+            are not duplicates, :func:`saelib.experiments.feature_trees.duplicate_groups`).
         dag: parent -> child links between consecutive widths (directed MCS >= threshold).
         tree: the best-parent forest of ``dag``.
         root: the narrowest-width node whose descendants at width ``d_vocab`` are dedicated to the
@@ -733,7 +734,7 @@ def analyse_split_run(
 ) -> SplitRun:
     """Label one seed's SAEs (``acts[l]``: width ``widths[l]``'s decoder-norm-scaled activations
     on ``tokens``), link consecutive widths by directed masked cosine similarity (Nabeshima;
-    :mod:`saelib.feature_trees`), and measure Gross's splitting claims (seed thread 001): how a
+    :mod:`saelib.experiments.feature_trees`), and measure Gross's splitting claims (seed thread 001): how a
     narrow latent splits into latents dedicated to single maxima, whether the split tree is
     nested (:func:`split_nesting`), and how many maxima get a latent at width ``d_vocab``
     (:func:`maxima_coverage`).

@@ -1,7 +1,7 @@
 """Harvest a language model's activations once, cache them on disk, stream them to training.
 
 One path for every real-text notebook: :func:`harvest_activations` runs the model over
-document-aligned sequences (:class:`saelib.corpus.DocumentTokens`: each row starts at a document
+document-aligned sequences (:class:`saelib.data.corpus.DocumentTokens`: each row starts at a document
 start with BOS, no row holds two documents), with only the requested hooks attached and the
 forward pass stopped after the deepest block they need (``stop_at_layer``). Rows are batched by
 length (longest first, ``tokens_per_batch`` tokens per forward pass including padding) and
@@ -12,7 +12,7 @@ Every valid position is kept, BOS included, in document order: token ``t`` of th
 to document ``doc[t]`` at position ``pos[t]`` (0 = BOS). The activations of each hook are one
 ``[n_tokens, d]`` array.
 
-**Cache.** ``<cache_dir>/acts-<key>/`` (:func:`saelib.corpus.cache_dir`, i.e.
+**Cache.** ``<cache_dir>/acts-<key>/`` (:func:`saelib.data.corpus.cache_dir`, i.e.
 ``$SAELIB_CACHE_DIR``), ``key`` hashing the model's name and weights (SHA-256 of every
 parameter), the hooks, the token set's fingerprint and the storage dtype, so a changed model,
 hook, document set or dtype is harvested again. The folder holds ``meta.json``, ``tokens.npy``,
@@ -43,11 +43,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .corpus import DocumentTokens, cache_dir, config_hash
-from .persistence import atomic_write_bytes
+from ..data.corpus import DocumentTokens, cache_dir, config_hash
+from ..core.normalisation import scale_from_mean_sq_norm
+from ..core.persistence import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .lm import LanguageModel
+    from .models import LanguageModel
 
 __all__ = [
     "ActivationStore",
@@ -170,13 +171,12 @@ class ActivationStore:
         return {"mean": (total / n).float(), "mean_sq_norm": sq / n}
 
     def normalisation_scale(self, hook: str, skip_bos: bool = True) -> float:
-        """The scalar ``c`` with ``mean ||c x||² = d`` over the stored tokens (the normalisation
-        of :func:`saelib.transcoder.normalisation_scale`, computed without loading the set).
-        Raises ValueError if the activations are all zero."""
+        """The scalar ``c`` with ``mean ||c x||² = d`` over the stored tokens
+        (:func:`saelib.core.normalisation.normalisation_scale`, from the mean squared norm streamed
+        by :meth:`moments` without loading the set). Raises ValueError if the activations are all
+        zero."""
         ms = self.moments(hook, skip_bos)["mean_sq_norm"]
-        if not ms > 0:
-            raise ValueError(f"{hook} has mean squared norm {ms}: cannot normalise")
-        return float(np.sqrt(self[hook].shape[1] / ms))
+        return scale_from_mean_sq_norm(ms, self[hook].shape[1], what=f"{hook} has")
 
     def sampler(
         self,
@@ -186,7 +186,7 @@ class ActivationStore:
         target_scale: float = 1.0,
         skip_bos: bool = True,
     ) -> Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]]:
-        """A data function for :func:`saelib.train.train_sae`: ``sample(batch, generator)``
+        """A data function for :func:`saelib.core.train.train_sae`: ``sample(batch, generator)``
         draws ``batch`` stored tokens uniformly with replacement (BOS excluded when
         ``skip_bos``) and returns ``scale * x`` as float32 ``[batch, d]``, or the pair
         ``(scale * x, target_scale * y)`` with ``y`` read at ``target_hook`` (a transcoder's
@@ -213,7 +213,7 @@ class ActivationStore:
 
 
 def _stop_layer(model: Any, hooks: Sequence[str]) -> int | None:
-    from .lm import hook_layer
+    from .models import hook_layer
 
     layers = [hook_layer(h) for h in hooks]
     if any(layer is None for layer in layers):
@@ -248,8 +248,8 @@ def harvest_activations(
     when present, else computed and cached (see the module docstring).
 
     Args:
-        lm: the model (:func:`saelib.lm.load_model`).
-        docs: document-aligned token rows (:func:`saelib.corpus.tokenize_documents`).
+        lm: the model (:func:`saelib.lm.models.load_model`).
+        docs: document-aligned token rows (:func:`saelib.data.corpus.tokenize_documents`).
         hooks: TransformerLens hook names (``transformer_lens.utils.get_act_name``).
         dtype: storage dtype, ``torch.float32`` or ``torch.float16``.
         tokens_per_batch: rows × padded length per forward pass.

@@ -40,6 +40,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from ..core.metrics import active
+
 __all__ = [
     "MCS_THRESHOLD",
     "directed_mcs",
@@ -93,8 +95,8 @@ def _masked_sums(
         a = acts_a[start : start + chunk_size].double()  # [chunk, d_a]
         b = acts_b[start : start + chunk_size].double()  # [chunk, d_b]
         dot += a.T @ b
-        a2_on_b += a.square().T @ (b > 0).double()
-        b2_on_a += (a > 0).double().T @ b.square()
+        a2_on_b += a.square().T @ active(b).double()
+        b2_on_a += active(a).double().T @ b.square()
     return {
         "dot": dot,
         "a2_on_b": a2_on_b,
@@ -166,10 +168,10 @@ def fraction_outside(
     _check_pair(acts_a, acts_b)
     inside = torch.zeros(acts_a.shape[1], acts_b.shape[1], dtype=torch.float64)
     for start in range(0, acts_a.shape[0], chunk_size):
-        a_on = (acts_a[start : start + chunk_size] > 0).double()
+        a_on = active(acts_a[start : start + chunk_size]).double()
         b = acts_b[start : start + chunk_size].double()
-        inside += a_on.T @ (b if weighted else (b > 0).double())
-    total = acts_b.double().sum(0) if weighted else (acts_b > 0).double().sum(0)  # [d_b]
+        inside += a_on.T @ (b if weighted else active(b).double())
+    total = acts_b.double().sum(0) if weighted else active(acts_b).double().sum(0)  # [d_b]
     return _safe_div(total[None, :] - inside, total[None, :].expand_as(inside)).float()
 
 
@@ -208,7 +210,7 @@ def build_feature_dag(
         if a.shape[0] == 0:
             raise ValueError(f"acts[{level}] has no tokens (n_tokens=0, shape {tuple(a.shape)}): nothing to compare")
         max_act = a.amax(0)
-        freq = (a > 0).float().mean(0)
+        freq = active(a).float().mean(0)
         for j in torch.nonzero(max_act > 0).flatten().tolist():
             dag.add_node(
                 (level, j),
@@ -345,7 +347,7 @@ def top_token_labels(
     that never fires. Ties keep the order of first appearance by activation.
 
     ``token_ids[t]`` is the token at which ``acts[t]`` was read; ``decode`` maps ids to one string
-    each (e.g. :meth:`saelib.lm.LanguageModel.decode`). Raises ValueError if the lengths differ
+    each (e.g. :meth:`saelib.lm.models.LanguageModel.decode`). Raises ValueError if the lengths differ
     or ``k``/``n_top`` are not positive.
     """
     if acts.ndim != 2 or token_ids.shape != (acts.shape[0],):

@@ -87,7 +87,7 @@ the extra training is optional and only used for drift diagnostics (the referenc
 two trained SAEs only). :func:`extend_sae` initialises the new latents as the reference does
 (decoder row = encoder column = a random unit vector × 0.1, ``b_enc = 0``);
 :func:`train_hedging_pair` trains the extended and the control SAE with
-:func:`saelib.train.train_sae` on the same data stream.
+:func:`saelib.core.train.train_sae` on the same data stream.
 """
 
 from __future__ import annotations
@@ -102,10 +102,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .metrics import decoder_cosines, encoder_cosines, hungarian_match, mcc, recovered_features
-from .sae import SAE, SAEConfig
-from .toy_data import ToyHierarchy
-from .train import DataSource, TrainConfig, train_sae
+from ..core.metrics import decoder_cosines, encoder_cosines, hungarian_match, mcc, recovered_features
+from ..core.sae import SAE, SAEConfig
+from ..data.toy_data import ToyHierarchy
+from ..core.train import DataSource, TrainConfig, train_sae
 
 __all__ = [
     "parent_child_pattern",
@@ -188,7 +188,7 @@ def parent_child_pattern(
 def instance_summary(sae: SAE, hierarchy: ToyHierarchy, threshold: float = 0.9) -> list[dict[str, float]]:
     """Per instance: decoder MCC, features recovered (matched decoder cos > ``threshold``), stuck
     latents (features not recovered), and the decoder and encoder parent/child patterns
-    (see :func:`saelib.absorption.parent_child_pattern`; encoder keys are prefixed ``enc_``)."""
+    (see :func:`saelib.experiments.absorption.parent_child_pattern`; encoder keys are prefixed ``enc_``)."""
     out = []
     for i in range(sae.n_inst):
         dec = decoder_cosines(sae.W_dec[i].detach(), hierarchy.features)
@@ -690,13 +690,13 @@ def train_hedging_pair(
     """Train the two SAEs the hedging eval compares: ``(extended, control)``.
 
     ``extended`` = :func:`extend_sae` of ``before`` (``n_new`` latents, ``init_norm``, ``seed``),
-    ``control`` = a copy of ``before``; both are trained with :func:`saelib.train.train_sae` on
+    ``control`` = a copy of ``before``; both are trained with :func:`saelib.core.train.train_sae` on
     ``data`` with the same ``cfg`` (so the same data stream, ``cfg.seed``). ``before`` is not
     modified. Pass the result to :func:`hedging_scores`. The reference
     (``hedging_paper/scripts/train_hedging_eval_batch_topk_sae.py``) trains both with the
     initial SAE's training configuration. A Matryoshka ``cfg.matryoshka`` must fit both widths.
 
-    Raises what :func:`extend_sae` and :func:`saelib.train.train_sae` raise.
+    Raises what :func:`extend_sae` and :func:`saelib.core.train.train_sae` raise.
     """
     extended = extend_sae(before, n_new, init_norm=init_norm, seed=seed)
     control = copy.deepcopy(before)

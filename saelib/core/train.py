@@ -1,9 +1,9 @@
 """Training SAEs (all instances at once): Adam, warmup-stable-decay LR, per-instance gradient
 clipping, an adaptive L1 coefficient that steers L0 to a target, optional Matryoshka loss and
-latent permutation; on any device and dtype (the SAE's, :class:`saelib.sae.SAEConfig`), and
+latent permutation; on any device and dtype (the SAE's, :class:`saelib.core.sae.SAEConfig`), and
 data-parallel over ``torch.distributed`` when a process group is initialised (see
-:func:`train_sae` and :mod:`saelib.distributed`). :func:`train_sae` composes the parts in
-:mod:`saelib.train_parts` (the loss of one step, the sparsity controller, dead-latent
+:func:`train_sae` and :mod:`saelib.core.distributed`). :func:`train_sae` composes the parts in
+:mod:`saelib.core.train_parts` (the loss of one step, the sparsity controller, dead-latent
 resampling, latent permutation) with the data streams, the divergence check, the optimiser step
 and :meth:`History.record`.
 
@@ -19,7 +19,7 @@ Losses (per instance, summed over instances so instances never share a gradient)
 * sparsity: ``coeff * mean_batch sum_j penalty(a_j ||W_dec[j]||)``.
 
 Logged FVU is ``sum_batch ||x - x_hat||² / sum_batch ||x - mean_batch(x)||²`` (see
-:func:`saelib.metrics.fvu`).
+:func:`saelib.core.metrics.fvu`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from .distributed import DataParallel, data_parallel
 from .matryoshka import MatryoshkaConfig, PerInstanceMatryoshka
+from .metrics import active, squared_error, total_variance
 from .penalties import FREQ_TARGET
 from .sae import SAE
 from .train_parts import DeadLatentResampler, LatentPermuter, SparsityController, SparsityPenalty, step_loss
@@ -79,12 +80,12 @@ class TrainConfig:
             (checked by :func:`train_sae`, where the SAE is known).
         l1_adapt_eps: multiplicative step of the controller.
         l1_warmup_frac: fraction of the steps over which the coefficient ramps up linearly from 0.
-        penalty: sparsity penalty name (see :mod:`saelib.penalties`), or one per instance;
+        penalty: sparsity penalty name (see :mod:`saelib.core.penalties`), or one per instance;
             ignored for TopK/BatchTopK.
         freq_target: target firing frequency ``rho`` of the ``smooth_l0_freq`` penalty's frequency
             term (one value, or one per instance). None: ``target_l0 / d_sae`` when ``target_l0``
             is set (every latent firing equally often at the target L0), else
-            :data:`saelib.penalties.FREQ_TARGET` (0.05). Ignored by the other penalties.
+            :data:`saelib.core.penalties.FREQ_TARGET` (0.05). Ignored by the other penalties.
         scale_penalty_by_decoder_norm: apply the penalty to ``a_j * ||W_dec[j]||`` (True) or to
             the raw activation ``a_j`` (False, e.g. for a sparse MLP with a fixed decoder scale).
         matryoshka: None for a plain SAE, else the prefix configuration, or one configuration
@@ -107,7 +108,7 @@ class TrainConfig:
             step and the batches are stacked to ``[batch, inst, d]``; stored tensors draw each
             instance's rows separately), its random Matryoshka prefix lengths and its
             dead-latent resampling, so instance ``i`` trains exactly as it would alone (its
-            initial weights via :meth:`saelib.sae.SAE.instance`, ``instance_ids=[i]``) and
+            initial weights via :meth:`saelib.core.sae.SAE.instance`, ``instance_ids=[i]``) and
             ``n`` instances are ``n`` independent seeds, not ``n`` initialisations that share
             one data stream (project issue 12, "Independent seeds"). The data function must then
             return one instance's batch, ``[batch, d_in]`` (or a pair), and costs ``n_inst``
@@ -203,8 +204,9 @@ class History:
     """Per-logged-step training curves; every metric is ``[n_logged, inst]``.
 
     ``mse`` is the full-SAE reconstruction error (mean over batch of the squared error summed
-    over ``d_in``), ``fvu`` its fraction of the batch variance, ``l0`` the mean number of active
-    latents, ``loss`` the total objective and ``l1_coeff`` the sparsity coefficient in force.
+    over ``d_in``), ``fvu`` its fraction of the batch variance (:func:`saelib.core.metrics.fvu`'s
+    formula), ``l0`` the mean number of active latents (:func:`saelib.core.metrics.l0`'s
+    definition), ``loss`` the total objective and ``l1_coeff`` the sparsity coefficient in force.
     """
 
     step: list[int] = field(default_factory=list)
@@ -237,7 +239,7 @@ class History:
     ) -> None:
         """Append one logged step: the loss, L0 and coefficient as given (copied), the MSE and FVU
         of ``x_hat`` against ``x`` (under data-parallel training ``dp``, of the combined batch)."""
-        err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
+        err = squared_error(x, x_hat)  # [batch, inst]
         self.step.append(step)
         self.loss.append(loss.clone())
         self.mse.append(err.mean(0) if dp is None else dp.batch_mean(err))
@@ -612,11 +614,12 @@ class _DivergenceGuard:
 
 def _fvu(x: Tensor, err: Tensor, dp: DataParallel | None) -> Tensor:
     """Logged FVU ``[inst]`` of the (combined) batch: ``x`` is ``[batch, inst, d_out]``, ``err`` the
-    squared error ``[batch, inst]``."""
+    squared error ``[batch, inst]``. :func:`saelib.core.metrics.fvu`'s formula, unchecked, with
+    the variance clamped at ``1e-12`` (a log never stops training)."""
     if dp is None:
-        var = (x - x.mean(0, keepdim=True)).pow(2).sum(-1).sum(0)
+        var = total_variance(x)
         return err.sum(0) / var.clamp_min(1e-12)
-    var = dp.sum((x - dp.batch_mean(x)).pow(2).sum(-1).sum(0))
+    var = dp.sum(total_variance(x, dp.batch_mean(x)))
     return dp.sum(err.sum(0)) / var.clamp_min(1e-12)
 
 
@@ -644,7 +647,7 @@ def train_sae(
             under ``torch.distributed``, where it must not change the SAE.
         term_mask: Matryoshka only: ``x_in -> keep`` with ``keep`` ``[batch, inst, d_sae]``
             weighting each ``(sample, prefix)`` loss term (e.g.
-            :class:`saelib.matryoshka_probes.SplitTermMask`).
+            :class:`saelib.experiments.matryoshka_probes.SplitTermMask`).
 
     Device and dtype: training runs where the SAE's parameters are (``SAEConfig.device`` /
     ``dtype``), in their dtype. Batches are moved there and cast to it (stored activations may
@@ -658,7 +661,7 @@ def train_sae(
     its ``batch_size / world_size`` rows of each combined batch; gradients are averaged before
     clipping and the step, batch statistics are reduced over ranks, the parameters stay identical
     on every rank, and the result equals one process on the combined batch up to float rounding
-    (see :mod:`saelib.distributed`). Only rank 0 shows the progress bar and calls ``callback``;
+    (see :mod:`saelib.core.distributed`). Only rank 0 shows the progress bar and calls ``callback``;
     every rank returns the same :class:`History` (metrics of the combined batch).
 
     Raises:
@@ -722,7 +725,7 @@ def train_sae(
 
         with torch.no_grad():
             log_now = step % cfg.log_every == 0 or step == cfg.steps - 1
-            l0 = batch_mean((acts > 0).to(acts.dtype).sum(-1)) if controller.steers or log_now else None  # [inst]
+            l0 = batch_mean(active(acts).to(acts.dtype).sum(-1)) if controller.steers or log_now else None  # [inst]
             controller.update(step, l0)
             if resampler is not None:
                 resampler(step, sae, opt, acts, x_in, x, x_hat)

@@ -38,7 +38,7 @@ The feature-frequency term follows the classic sparse-autoencoder KL sparsity pe
 CS294A lecture notes "Sparse autoencoder", section 3):
 ``KL(rho || f_j) = rho log(rho / f_j) + (1 - rho) log((1 - rho) / (1 - f_j))`` with ``f_j`` the
 batch mean of the smooth indicator ``1 - exp(-s / eps)`` (a differentiable firing frequency) and
-target ``rho`` (``FREQ_TARGET`` unless the caller gives one: :func:`saelib.train.train_sae` uses
+target ``rho`` (``FREQ_TARGET`` unless the caller gives one: :func:`saelib.core.train.train_sae` uses
 ``target_l0 / d_sae`` when it steers L0 to a target, the frequency at which every latent would fire
 equally often at the target L0; with 0.05 and 4,608 latents the frequency term alone asks for an L0
 of 230 and overrides a target of 32). It grows without bound as a latent's frequency goes to 0, the
@@ -135,7 +135,7 @@ PENALTIES: dict[str, Callable[[Tensor], Tensor]] = {
 # batch-level penalties: (scaled activations [batch, inst, d_sae], target frequency rho: a float or
 # [inst, 1], batch mean) -> per-latent penalty [inst, d_sae]; every batch statistic goes through the
 # batch-mean function, so that data-parallel training can take it over the combined batch
-# (saelib.distributed)
+# (saelib.core.distributed)
 BATCH_PENALTIES: dict[str, Callable[[Tensor, float | Tensor, BatchMean], Tensor]] = {
     "smooth_l0_freq": _smooth_l0_freq,
 }
@@ -178,7 +178,7 @@ def per_latent_penalty(
     firing frequency ``rho`` of the ``smooth_l0_freq`` frequency term, one for all instances or one
     per instance (ignored by the other penalties). ``batch_mean`` (``[batch, ...] -> [...]``,
     default ``t.mean(0)``) is the mean a batch-level penalty takes its batch statistics with;
-    data-parallel training passes :meth:`saelib.distributed.DataParallel.penalty_batch_mean` (the
+    data-parallel training passes :meth:`saelib.core.distributed.DataParallel.penalty_batch_mean` (the
     mean over every rank's rows).
 
     Raises ValueError for an unknown ``kind`` (the known ones are :func:`penalty_names`), or a

@@ -1,8 +1,8 @@
-"""The parts that :func:`saelib.train.train_sae` composes, one concern each, each tested alone
+"""The parts that :func:`saelib.core.train.train_sae` composes, one concern each, each tested alone
 (``tests/test_train_parts.py``):
 
 * :func:`step_loss`: the loss of one step, per instance: reconstruction (plain or Matryoshka,
-  :func:`saelib.matryoshka.matryoshka_loss`) plus the coefficient times the sparsity penalty
+  :func:`saelib.core.matryoshka.matryoshka_loss`) plus the coefficient times the sparsity penalty
   (:class:`SparsityPenalty`);
 * :class:`SparsityController`: the sparsity coefficient: a linear warm-up, then Nabeshima's
   multiplicative steering of the batch L0 towards a target;
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .distributed import DataParallel
 from .matryoshka import PerInstanceMatryoshka, latent_weights, matryoshka_loss
+from .metrics import active, squared_error
 from .penalties import BatchMean, per_latent_penalty
 from .sae import SAE
 
@@ -39,7 +40,7 @@ def _penalty(
     ``acts`` are ReLU outputs (>= 0), so the L1 penalty ``mean_batch(a_j * scale_j)`` is computed
     as ``scale_j * sum_batch(a_j) / batch``: one reduction over the ``[batch, inst, d_sae]`` tensor
     instead of a product, a reduction and two products in the backward (equal up to rounding).
-    ``batch_mean`` goes to batch-level penalties (see :func:`saelib.penalties.per_latent_penalty`).
+    ``batch_mean`` goes to batch-level penalties (see :func:`saelib.core.penalties.per_latent_penalty`).
     """
     if all(k == "l1" for k in kinds):
         return acts.sum(0) * (scale / acts.shape[0])
@@ -60,15 +61,15 @@ class SparsityPenalty:
     """The sparsity penalty of every instance, ``sum_j w_j mean_batch penalty(a_j s_j)`` (``[inst]``).
 
     Attributes:
-        kinds: one penalty name per instance (:data:`saelib.penalties.PENALTIES` or
-            :data:`saelib.penalties.BATCH_PENALTIES`).
+        kinds: one penalty name per instance (:data:`saelib.core.penalties.PENALTIES` or
+            :data:`saelib.core.penalties.BATCH_PENALTIES`).
         freq_target: one target firing frequency per instance (used by ``smooth_l0_freq`` only).
         scale_by_decoder_norm: ``s_j = ||W_dec[j]||`` (True) or 1 (False).
         batch_mean: the batch mean of batch-level penalties (None: over this process's batch;
             data-parallel training passes the combined batch's).
 
     ``w_j`` is 1, or, for Matryoshka instances with ``weight_sparsity_by_prefix``, the latent's
-    weight over the prefixes (:func:`saelib.matryoshka.latent_weights`, routed like the
+    weight over the prefixes (:func:`saelib.core.matryoshka.latent_weights`, routed like the
     reconstruction when the plan routes gradients).
     """
 
@@ -112,16 +113,16 @@ def step_loss(
 
     ``loss = recon + coeff * penalty``: ``recon`` is ``mean_batch ||x - x_hat||²`` (squared error
     summed over ``d_out``) or, with ``matryoshka`` and this step's prefix ``weights``, the
-    Matryoshka loss (:func:`saelib.matryoshka.matryoshka_loss` with the plan's gradient routing
+    Matryoshka loss (:func:`saelib.core.matryoshka.matryoshka_loss` with the plan's gradient routing
     and the term weights ``keep``); no penalty term when ``penalty`` is None (TopK / BatchTopK).
 
     Returns ``(loss [inst], x_hat, acts)``.
     Raises ValueError if ``matryoshka`` is given without ``weights``, or as
-    :func:`saelib.matryoshka.matryoshka_loss`.
+    :func:`saelib.core.matryoshka.matryoshka_loss`.
     """
     x_hat, acts = sae(x_in)
     if matryoshka is None:
-        recon = (x - x_hat).pow(2).sum(-1).mean(0)  # [inst]
+        recon = squared_error(x, x_hat).mean(0)  # [inst]
     else:
         if weights is None:
             raise ValueError("a Matryoshka step loss needs this step's prefix weights")
@@ -258,10 +259,10 @@ class DeadLatentResampler:
         x_hat: Float[Tensor, "batch inst d_out"],
     ) -> bool:
         """Record which latents fired at ``step`` and resample if one is due; True if it was."""
-        self.fired |= (acts > 0).any(dim=0)
+        self.fired |= active(acts).any(dim=0)
         if (step + 1) % self.every != 0 or step >= self.until_step:
             return False
-        err = (x - x_hat).pow(2).sum(-1)  # [batch, inst]
+        err = squared_error(x, x_hat)  # [batch, inst]
         if self.dp is None:
             _resample_dead(sae, opt, ~self.fired, x_in, err, self.generators)
         else:  # every rank resamples alike from the combined batch

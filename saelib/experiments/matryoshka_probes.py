@@ -5,9 +5,9 @@ Nabeshima 2024 ("Matryoshka Sparse Autoencoders", LessWrong) suggests that a par
 keeps absorbing its children because of the loss terms in which a child feature is active and
 the prefix holds the parent's latent but not the child's. This module marks those
 ``(sample, prefix)`` terms (:func:`parent_child_split_terms`), turns them into a ``term_mask``
-for :func:`saelib.train.train_sae` that drops them during training (:class:`SplitTermMask`),
+for :func:`saelib.core.train.train_sae` that drops them during training (:class:`SplitTermMask`),
 and measures what chosen terms do to one decoder row (:func:`prefix_term_gradient`). The loss
-itself is :func:`saelib.matryoshka.matryoshka_loss` (its ``keep`` argument).
+itself is :func:`saelib.core.matryoshka.matryoshka_loss` (its ``keep`` argument).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .matryoshka import matryoshka_loss
-from .sae import SAE
-from .toy_data import ToyHierarchy
+from ..core.matryoshka import matryoshka_loss
+from ..core.sae import SAE
+from ..data.toy_data import ToyHierarchy
 
 __all__ = ["parent_child_split_terms", "SplitTermMask", "prefix_term_gradient"]
 
@@ -62,7 +62,7 @@ def parent_child_split_terms(
 
 
 class SplitTermMask:
-    """A ``term_mask`` for :func:`saelib.train.train_sae` that drops the parent-in / child-out
+    """A ``term_mask`` for :func:`saelib.core.train.train_sae` that drops the parent-in / child-out
     terms of :func:`parent_child_split_terms` (keep = 0) and keeps every other term (keep = 1).
 
     The active features of a sample are decoded from ``x`` by least squares against the

@@ -209,12 +209,12 @@ def save_sae(
     :func:`load_sae` restores the instance exactly, including the BatchTopK threshold. The output is deterministic: saving the same SAE twice gives
     byte-identical files. Returns the folder.
 
-    Raises TypeError if ``sae`` is not a :class:`saelib.sae.SAE`, IndexError if ``instance`` is
+    Raises TypeError if ``sae`` is not a :class:`saelib.core.sae.SAE`, IndexError if ``instance`` is
     out of range, ValueError if a weight of the instance contains NaN/inf (the message names the
     parameter; nothing is written). The BatchTopK threshold may be NaN (not trained yet).
     """
     if not isinstance(sae, SAE):
-        raise TypeError(f"save_sae expects a saelib.sae.SAE, got {type(sae).__name__}")
+        raise TypeError(f"save_sae expects a saelib.core.sae.SAE, got {type(sae).__name__}")
     if not (0 <= instance < sae.n_inst):
         raise IndexError(f"instance {instance} out of range for n_inst={sae.n_inst}")
     cfg = sae.cfg
@@ -306,7 +306,7 @@ def save_instances(
     error of :func:`save_sae` (instances saved before a failing one stay saved).
     """
     if not isinstance(sae, SAE):
-        raise TypeError(f"save_instances expects a saelib.sae.SAE, got {type(sae).__name__}")
+        raise TypeError(f"save_instances expects a saelib.core.sae.SAE, got {type(sae).__name__}")
     ids = list(range(sae.n_inst)) if instances is None else [int(i) for i in instances]
     out_of_range = [i for i in ids if not 0 <= i < sae.n_inst]
     if out_of_range:
@@ -387,7 +387,7 @@ def load_sae(path: str | Path, device: str | None = None, dtype: str | None = No
     It comes back on the device and in the dtype it was saved from (the ``"saelib"`` config's
     ``device`` / ``dtype``; ``"cpu"`` / ``"float32"`` for folders saved before those fields
     existed and for SAELens folders), unless ``device`` or ``dtype`` (strings as in
-    :class:`saelib.sae.SAEConfig`) say otherwise, e.g. ``device="cpu"`` for an SAE saved from a
+    :class:`saelib.core.sae.SAEConfig`) say otherwise, e.g. ``device="cpu"`` for an SAE saved from a
     GPU on a machine without one.
 
     Raises:
@@ -505,21 +505,22 @@ def sae_lens_folder(path: str | Path) -> str:
         raise ValueError(
             f"{folder} cannot be opened in SAELens: "
             + reason.format(version=SAELENS_FORMAT_VERSION)
-            + "; open it with saelib.persistence.load_sae"
+            + "; open it with saelib.core.persistence.load_sae"
         )
     return str(folder)
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache
-_TRAINING_SOURCES = (
-    "sae.py", "train.py", "train_parts.py", "penalties.py", "matryoshka.py", "matryoshka_probes.py", "distributed.py"
+_TRAINING_SOURCES = (  # paths under saelib/
+    "core/sae.py", "core/train.py", "core/train_parts.py", "core/penalties.py", "core/matryoshka.py",
+    "experiments/matryoshka_probes.py", "core/distributed.py", "core/metrics.py",
 )
 
 
 def _training_code_fingerprint() -> str:
     """SHA-256 of the source of the modules that define training (a code change retrains)."""
     h = hashlib.sha256()
-    here = Path(__file__).parent
+    here = Path(__file__).parents[1]  # saelib/
     for name in _TRAINING_SOURCES:
         h.update((here / name).read_bytes())
     return h.hexdigest()[:16]
@@ -533,12 +534,12 @@ def load_or_train(
     metadata: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
 ) -> tuple[SAE, Path, bool]:
-    """Train ``sae`` (one instance) with :func:`saelib.train.train_sae` and save it under the
+    """Train ``sae`` (one instance) with :func:`saelib.core.train.train_sae` and save it under the
     cache, or load the SAE an identical earlier call saved.
 
-    The cache folder is ``<cache_dir>/sae-<key>`` (:func:`saelib.corpus.cache_dir`), ``key``
+    The cache folder is ``<cache_dir>/sae-<key>`` (:func:`saelib.data.corpus.cache_dir`), ``key``
     hashing ``sae.cfg`` (its seed fixes the initial weights), the ``TrainConfig``, ``data_key``
-    (the caller's name for the data: e.g. the :class:`saelib.activations.ActivationStore` folder,
+    (the caller's name for the data: e.g. the :class:`saelib.lm.activations.ActivationStore` folder,
     hook and input scale), the source of the training modules, torch's version and thread count.
     Saved with :func:`save_sae` (SAELens layout, atomic writes; ``metadata`` and ``training`` go
     into ``cfg.json``), so ``sae_lens.SAE.load_from_disk(folder)`` opens it too.
@@ -550,7 +551,7 @@ def load_or_train(
     """
     from dataclasses import asdict
 
-    from .corpus import cache_dir, config_hash
+    from ..data.corpus import cache_dir, config_hash
     from .train import train_sae
 
     if sae.n_inst != 1:

@@ -2,13 +2,13 @@
 tables, cosines over training, truth initialisation, absorption rates and Pareto fronts.
 
 Used by notebooks 03 (Matryoshka variants) and 04 (sparsity penalties), where many variants,
-seeds or coefficients share one batched :class:`saelib.sae.SAE` and a ``groups`` mapping
+seeds or coefficients share one batched :class:`saelib.core.sae.SAE` and a ``groups`` mapping
 ``{variant name: instance indices}`` says which instance is which.
 
 Metric conventions (EXPERIMENTS.md parts A-C): MCC and recovery from decoder cosines with the
-true features under the Hungarian matching (:mod:`saelib.metrics`); FVU and L0 on a fresh,
+true features under the Hungarian matching (:mod:`saelib.core.metrics`); FVU and L0 on a fresh,
 seeded evaluation batch; parent/child cosine patterns from
-:func:`saelib.absorption.parent_child_pattern`.
+:func:`saelib.experiments.absorption.parent_child_pattern`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from torch import Tensor
 
 from .absorption import absorption_scores, matched_latents, parent_child_pattern
 from .matryoshka_probes import parent_child_split_terms, prefix_term_gradient
-from .metrics import dead_latents, decoder_cosines, encoder_cosines, fvu, l0, mcc, recovered_features
-from .sae import SAE
-from .toy_data import ToyHierarchy
+from ..core.metrics import active, dead_latents, decoder_cosines, encoder_cosines, fvu, l0, mcc, recovered_features
+from ..core.sae import SAE
+from ..data.toy_data import ToyHierarchy
 
 __all__ = [
     "evaluate_instances",
@@ -62,7 +62,7 @@ def evaluate_instances(
     (``parent_on_children``, ``child_on_parent``, ``child_on_siblings``, ``child_on_own``) and
     the encoder's (``enc_parent_on_children``, ...) under the decoder's matching, and SAEBench's
     ``full_absorption`` rate and ``absorption_fraction`` on the same samples
-    (:func:`saelib.absorption.absorption_scores`; NaN for a hierarchy without parents).
+    (:func:`saelib.experiments.absorption.absorption_scores`; NaN for a hierarchy without parents).
     ``input_scale`` multiplies the samples before they reach the SAE (the constant the SAE's
     training inputs were multiplied by; FVU is then in those units, which does not change it).
 
@@ -227,8 +227,8 @@ def parent_cofiring(
     both = (coeffs[:, parent] > 0) & (coeffs[:, child] > 0)
     alone = (coeffs[:, parent] > 0) & (coeffs[:, child] == 0)
     return {
-        "fires_with_child": (a[both] > 0).float().mean(0),
-        "fires_alone": (a[alone] > 0).float().mean(0),
+        "fires_with_child": active(a[both]).float().mean(0),
+        "fires_alone": active(a[alone]).float().mean(0),
         "act_ratio": a[both].mean(0) / a[alone].mean(0).clamp_min(1e-12),
     }
 
@@ -246,10 +246,10 @@ def split_term_push(
     parent's decoder row along its children, against all other terms.
 
     For every feature with children (in index order), the descent step that the selected terms
-    give the parent's decoder row (:func:`saelib.matryoshka_probes.prefix_term_gradient`), projected on
+    give the parent's decoder row (:func:`saelib.experiments.matryoshka_probes.prefix_term_gradient`), projected on
     each child's direction and averaged over the children. ``"split"``: the terms of
-    :func:`saelib.matryoshka_probes.parent_child_split_terms`; ``"rest"``: every other term. Terms are
-    weighted by ``weights`` (e.g. :func:`saelib.matryoshka.expected_prefix_weights`) over
+    :func:`saelib.experiments.matryoshka_probes.parent_child_split_terms`; ``"rest"``: every other term. Terms are
+    weighted by ``weights`` (e.g. :func:`saelib.core.matryoshka.expected_prefix_weights`) over
     ``n_samples`` fresh samples, multiplied by ``input_scale`` (the constant the SAE's training
     inputs were multiplied by). Positive: pulled toward the children.
 

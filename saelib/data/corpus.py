@@ -19,7 +19,7 @@ rows and no row holds two documents, so a token's position is its position in it
 
 Caches live under :func:`cache_dir` (``$SAELIB_CACHE_DIR`` or ``~/.cache/saelib``), are named by a
 hash of everything that determines their content, and are written atomically (temporary file,
-then ``os.replace``, :func:`saelib.persistence.atomic_write_bytes`).
+then ``os.replace``, :func:`saelib.core.persistence.atomic_write_bytes`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .persistence import atomic_write_bytes
+from ..core.persistence import atomic_write_bytes
 
 __all__ = [
     "EOT_TOKEN",

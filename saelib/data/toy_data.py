@@ -29,6 +29,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.normalisation import mean_norm_scale
+
 __all__ = [
     "FeatureNode",
     "HierarchySpec",
@@ -305,15 +307,13 @@ class ToyHierarchy:
         with norm 0). Multiplying inputs by it gives them a mean norm of ``sqrt(d)``, the fixed
         point of his running normaliser (``RunningAvgNormalizer`` in noanabeshima/matryoshka-saes
         ``sae.py``: ``x * sqrt(d) / EMA(mean ||x||)``, EMA decay 0.99 per step), so his sparsity
-        coefficients and target L0 apply in these units. Raises ValueError if ``n < 1`` or every
-        sample is zero."""
+        coefficients and target L0 apply in these units
+        (:func:`saelib.core.normalisation.mean_norm_scale`). Raises ValueError if ``n < 1`` or
+        every sample is zero."""
         if not (isinstance(n, int) and n >= 1):
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         x, _ = self.sample(n, torch.Generator().manual_seed(seed))
-        mean_norm = float(x.double().norm(dim=-1).mean())
-        if not mean_norm > 0:
-            raise ValueError(f"all {n} samples are zero: no input scale (firing probabilities too small?)")
-        return math.sqrt(self.d) / mean_norm
+        return mean_norm_scale(x)
 
     def second_moment(self) -> Float[Tensor, "n_features n_features"]:
         """Analytic E[c cᵀ] of the feature coefficients c (magnitudes included), float64."""
@@ -460,7 +460,7 @@ def chanin_absorption_order(d: int = 20, seed: int = 0) -> ToyHierarchy:
 
 
 def stacked_sampler(hierarchies: list[ToyHierarchy]):
-    """A data source for :func:`saelib.train.train_sae` giving instance ``i`` samples of
+    """A data source for :func:`saelib.core.train.train_sae` giving instance ``i`` samples of
     ``hierarchies[i]``: ``(batch, generator) -> x`` of shape ``[batch, inst, d]``.
 
     Lets one batched training run sweep a data parameter (e.g. the child probability).

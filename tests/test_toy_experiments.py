@@ -22,6 +22,15 @@ def test_narrow_sweep_seed_axis_and_medians():
     torch.testing.assert_close(cos.mean(-1), three.child_cos_seeds[0, 0])
 
 
+def test_narrow_sweep_seeds_are_independent_streams_by_default():
+    # by default every instance draws from its own tree with its own generator
+    # (TrainConfig.independent_instances); independent_instances=False keeps one stacked stream
+    own = narrow_sae_sweep([0.3, 0.5], [1e-3], steps=100, n_eval=500, n_seeds=2)
+    shared = narrow_sae_sweep([0.3, 0.5], [1e-3], steps=100, n_eval=500, n_seeds=2, independent_instances=False)
+    assert own.train_cfg.independent_instances and not shared.train_cfg.independent_instances
+    assert not torch.equal(own.sae.W_dec, shared.sae.W_dec)  # same init, different data streams
+
+
 def test_narrow_sweep_rejects_zero_seeds():
     with pytest.raises(ValueError, match="n_seeds must be >= 1, got 0"):
         narrow_sae_sweep([0.3], [1e-3], steps=10, n_seeds=0)
@@ -188,5 +197,3 @@ def test_hedging_of_sweep_rejects_bad_inputs(hand_hedging):
         narrow_sweep_hedging(sweep, n_new=19)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         narrow_sweep_hedging(sweep, steps=0)
-    with pytest.raises(ValueError, match="independent_instances"):
-        narrow_sweep_hedging(_replace(sweep, train_cfg=_replace(sweep.train_cfg, independent_instances=True)))

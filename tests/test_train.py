@@ -391,6 +391,42 @@ def test_repeated_instance_ids_share_one_data_draw_and_train_alike():
     assert not torch.allclose(sae.W_enc[0], sae.W_enc[1], atol=1e-3)
 
 
+def test_one_data_function_per_instance():
+    """``data=[f_0, f_1]`` with ``independent_instances``: instance ``i`` draws from ``f_i`` with its
+    own generator, so instance 1 of ``[f_a, f_b]`` trains exactly as instance 1 of ``[f_b, f_b]``
+    (same function, same stream, same start), instance 0 differs, and ``[f, f]`` equals the single
+    function ``f``. Ids that repeat still give each instance its own function's draw."""
+    other = nabeshima_tree(seed=5)
+    f_a, f_b = tree_data, lambda batch, g: other.sample(batch, g)[0]
+    cfg = build_train_cfg(steps=80, independent_instances=True)
+    runs = {}
+    for name, data in {"ab": [f_a, f_b], "bb": [f_b, f_b], "aa": [f_a, f_a], "a": f_a}.items():
+        runs[name] = SAE(build_sae_cfg(n_inst=2))
+        train_sae(runs[name], data, cfg)
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(getattr(runs["ab"], name)[1], getattr(runs["bb"], name)[1]), name
+        assert torch.equal(getattr(runs["ab"], name)[0], getattr(runs["aa"], name)[0]), name
+        assert torch.equal(getattr(runs["aa"], name), getattr(runs["a"], name)), name
+    assert not torch.allclose(runs["ab"].W_dec[0], runs["bb"].W_dec[0], atol=1e-3)
+
+    calls: list = []
+
+    def recording(f):
+        def data(batch, g):
+            calls.append(f)
+            return f(batch, g)
+        return data
+
+    train_sae(SAE(build_sae_cfg(n_inst=2)), [recording(f_a), recording(f_b)],
+              build_train_cfg(steps=3, independent_instances=True, instance_ids=[0, 0]))
+    assert calls == [f_a, f_b] * 3
+
+    with pytest.raises(ValueError, match=r"list of data functions \(one per instance\) needs TrainConfig.independent_instances=True"):
+        train_sae(SAE(build_sae_cfg(n_inst=2)), [f_a, f_b], build_train_cfg(steps=2))
+    with pytest.raises(ValueError, match=r"one function per instance: got 1 entries .* for n_inst=2"):
+        train_sae(SAE(build_sae_cfg(n_inst=2)), [f_a], build_train_cfg(steps=2, independent_instances=True))
+
+
 def test_independent_instances_checks():
     with pytest.raises(ValueError, match=r"instance_ids needs independent_instances=True"):
         TrainConfig(instance_ids=[0])

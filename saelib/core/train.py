@@ -52,7 +52,8 @@ __all__ = [
     "retain_freed_cpu_memory",
 ]
 
-DataSource = Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]] | Tensor | tuple[Tensor, Tensor]
+DataFunction = Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]]
+DataSource = DataFunction | Tensor | tuple[Tensor, Tensor] | list[DataFunction]
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -382,7 +383,7 @@ def _instance_generators(seed: int, instance_ids: Sequence[int], stream: int) ->
 
 
 def _stacked_batch(
-    sample: Callable[[int, torch.Generator], Any],
+    sample: Callable[[int, torch.Generator], Any] | list[Callable[[int, torch.Generator], Any]],
     batch_size: int,
     generators: list[torch.Generator],
     step: int,
@@ -390,11 +391,13 @@ def _stacked_batch(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """One batch per generator, stacked along the instance axis: ``[batch, inst, d]`` (a pair of
     them for ``(inputs, targets)`` data); with ``index``, instance ``i`` gets the batch of
-    ``generators[index[i]]`` (instances that share an id share one draw).
+    ``generators[index[i]]`` (instances that share an id share one draw). ``sample`` may be a list
+    with one function per generator (per-instance data functions).
 
     Raises ValueError if the data function returns anything but one instance's ``[batch, d]``.
     """
-    parts = [sample(batch_size, g) for g in generators]
+    samplers = sample if isinstance(sample, list) else [sample] * len(generators)
+    parts = [f(batch_size, g) for f, g in zip(samplers, generators)]
     for part in parts:
         for t in part if isinstance(part, tuple) else (part,):
             if t.ndim != 2:
@@ -526,13 +529,15 @@ class _Streams:
     data_index: list[int] | None = None
 
 
-def _streams(cfg: TrainConfig, n_inst: int) -> _Streams:
+def _streams(cfg: TrainConfig, n_inst: int, share_data: bool = True) -> _Streams:
     """Seed the data, prefix and resampling streams (raises ValueError for bad ``instance_ids``)."""
     if cfg.independent_instances:  # one generator per instance and stream
         ids = list(range(n_inst)) if cfg.instance_ids is None else list(cfg.instance_ids)
         if len(ids) != n_inst:
             raise ValueError(f"TrainConfig.instance_ids has {len(ids)} ids but n_inst={n_inst}")
-        distinct = list(dict.fromkeys(ids))  # an id's data stream is drawn once per step and shared
+        # with one data function, an id's data stream is drawn once per step and shared; with one
+        # function per instance every instance draws (from its id's stream) with its own function
+        distinct = list(dict.fromkeys(ids)) if share_data else ids
         return _Streams(
             _instance_generators(cfg.seed, distinct, _DATA_STREAM),
             *(_instance_generators(cfg.seed, ids, s) for s in (_PREFIX_STREAM, _RESAMPLE_STREAM)),
@@ -548,7 +553,7 @@ def _streams(cfg: TrainConfig, n_inst: int) -> _Streams:
 
 
 def _next_batch(
-    sample: Callable[[int, torch.Generator], Any], streams: _Streams, cfg: TrainConfig, sae: SAE, check: bool, step: int
+    sample: Callable[[int, torch.Generator], Any] | list[Callable[[int, torch.Generator], Any]], streams: _Streams, cfg: TrainConfig, sae: SAE, check: bool, step: int
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """This step's ``(x_in, target, data_ok)`` on the SAE's device and dtype, as the data source
     shapes them (``[batch, d]`` or ``[batch, inst, d]``); ``target is x_in`` for an autoencoder;
@@ -559,7 +564,7 @@ def _next_batch(
     if cfg.independent_instances:
         batch = _stacked_batch(sample, cfg.batch_size, streams.data, step, streams.data_index)  # type: ignore[arg-type]
     else:
-        batch = sample(cfg.batch_size, streams.data)
+        batch = sample(cfg.batch_size, streams.data)  # type: ignore[operator]
     if isinstance(batch, tuple):
         x_in, x = batch
     elif sae.d_out != sae.d_in:
@@ -641,7 +646,9 @@ def train_sae(
             returns ``(x, target)`` and stored data is a pair of tensors ``(inputs, targets)``.
             With ``cfg.independent_instances`` the function is called once per instance with that
             instance's generator and returns ``[batch, d_in]`` (or the pair), and stored data is
-            sampled per instance.
+            sampled per instance; ``data`` may then also be a list of such functions, one per
+            instance (e.g. each instance its own toy hierarchy), instance ``i`` drawing from
+            ``data[i]`` with its own generator.
         callback: called as ``callback(step, sae)`` after every optimiser step (under
             ``torch.no_grad``), e.g. to record decoder cosines over training; on rank 0 only
             under ``torch.distributed``, where it must not change the SAE.
@@ -670,7 +677,8 @@ def train_sae(
             checked inside the per-step divergence check, so it costs no extra host sync); a
             ``target_l0`` outside ``(0, d_sae]``; a transcoder given one tensor instead of
             ``(inputs, targets)``; ``cfg.instance_ids`` not of length ``n_inst``, or a data
-            function returning ``[batch, inst, d]`` with ``cfg.independent_instances``;
+            function returning ``[batch, inst, d]`` with ``cfg.independent_instances``; a list of
+            data functions without ``cfg.independent_instances`` or not one per instance;
             data-parallel: ``cfg.batch_size`` not divisible by the world size.
         NotImplementedError: data-parallel training of a BatchTopK SAE (its top ``k * batch``
             selection runs over the whole batch, which no rank holds).
@@ -685,7 +693,16 @@ def train_sae(
             "data-parallel training of a BatchTopK SAE is not supported: its top k * batch "
             "selection needs the whole batch, which is split over ranks (use topk or relu)"
         )
-    sample, check_batches = _sampler(data, sae.d_in, sae.d_out, None if dp is None else dp.local_rows(cfg.batch_size))
+    rows = None if dp is None else dp.local_rows(cfg.batch_size)
+    if isinstance(data, list):  # one data function per instance
+        if not cfg.independent_instances:
+            raise ValueError("a list of data functions (one per instance) needs TrainConfig.independent_instances=True")
+        if len(data) != n_inst or not all(callable(f) for f in data):
+            raise ValueError(f"a list of data functions needs one function per instance: got {len(data)} "
+                             f"entries (callable: {[callable(f) for f in data]}) for n_inst={n_inst}")
+        sample, check_batches = [_sampler(f, sae.d_in, sae.d_out, rows)[0] for f in data], True
+    else:
+        sample, check_batches = _sampler(data, sae.d_in, sae.d_out, rows)
     if cfg.retain_cpu_memory and sae.W_enc.device.type == "cpu":
         retain_freed_cpu_memory()
     controller = _controller(cfg, n_inst, d_sae, like)
@@ -693,7 +710,7 @@ def train_sae(
     mplan = None if cfg.matryoshka is None else PerInstanceMatryoshka.build(cfg.matryoshka, n_inst).to(like["device"])
     if term_mask is not None and mplan is None:
         raise ValueError("term_mask needs a Matryoshka loss (TrainConfig.matryoshka is None)")
-    streams = _streams(cfg, n_inst)
+    streams = _streams(cfg, n_inst, share_data=not isinstance(data, list))
     # batch means of statistics that steer training or are logged: over the combined batch
     batch_mean: Callable[[Tensor], Tensor] = (lambda t: t.mean(0)) if dp is None else dp.batch_mean
     if dp is not None:

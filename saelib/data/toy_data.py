@@ -459,6 +459,19 @@ def chanin_absorption_order(d: int = 20, seed: int = 0) -> ToyHierarchy:
     return ToyHierarchy(HierarchySpec((root,), d=d, seed=seed))
 
 
+def instance_samplers(hierarchies: list[ToyHierarchy]) -> list:
+    """One data function per instance, ``(batch, generator) -> x`` of shape ``[batch, d]`` drawing
+    from ``hierarchies[i]``: the data source of :func:`saelib.core.train.train_sae` for a sweep of
+    a data parameter with ``TrainConfig.independent_instances`` (each instance its own stream).
+
+    Raises ValueError if the hierarchies differ in ``d`` or the list is empty.
+    """
+    dims = {h.d for h in hierarchies}
+    if len(dims) != 1:
+        raise ValueError(f"all hierarchies must share d, got {sorted(dims)}")
+    return [lambda batch, generator, h=h: h.sample(batch, generator)[0] for h in hierarchies]
+
+
 def stacked_sampler(hierarchies: list[ToyHierarchy]):
     """A data source for :func:`saelib.core.train.train_sae` giving instance ``i`` samples of
     ``hierarchies[i]``: ``(batch, generator) -> x`` of shape ``[batch, inst, d]``.

@@ -160,15 +160,21 @@ def narrow_sae_sweep(
     seed: int = 0,
     n_eval: int = 20_000,
     n_seeds: int = 1,
+    independent_instances: bool = True,
 ) -> NarrowSweep:
     """Train one bias-free 1-latent ReLU SAE per (child probability, L1 coefficient) pair, all at
     once along the instance dimension, on Chanin's parent/children hierarchy, and compare each
     decoder with the closed-form hedged direction (Chanin et al. 2025, arXiv 2505.11756).
     Dead latents are resampled during the first half of training (a 1-latent SAE starts dead on
     about 1 seed in 8). ``n_seeds`` SAEs per pair differ in their initialisation and data draws
-    (instance order: q, then L1, then seed). Raises ValueError if ``n_seeds < 1``."""
+    (instance order: q, then L1, then seed). With ``independent_instances`` (the default) every
+    instance has its own data and resampling streams (``TrainConfig.independent_instances``, data
+    from :func:`saelib.data.toy_data.instance_samplers`), so an instance's result does not depend
+    on how many train beside it; False: one stream drawn for all instances in turn
+    (:func:`saelib.data.toy_data.stacked_sampler`, the behaviour before). Raises ValueError if
+    ``n_seeds < 1``."""
+    from ..data.toy_data import chanin_parent_children, instance_samplers, stacked_sampler
     from .hedging import hedged_child_cosine
-    from ..data.toy_data import chanin_parent_children, stacked_sampler
 
     if n_seeds < 1:
         raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
@@ -179,8 +185,8 @@ def narrow_sae_sweep(
     coeffs = [l1 for _ in q_values for l1 in l1_values for _ in range(n_seeds)]
     sae = SAE(SAEConfig(d_in=trees[0].d, d_sae=1, n_inst=len(trees), use_b_dec=False, seed=seed))
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coeff=coeffs, l1_warmup_frac=0.0,
-                      resample_dead_every=200, seed=seed, progress=False)
-    train_sae(sae, stacked_sampler(trees), cfg)
+                      resample_dead_every=200, seed=seed, independent_instances=independent_instances, progress=False)
+    train_sae(sae, instance_samplers(trees) if independent_instances else stacked_sampler(trees), cfg)
     with torch.no_grad():
         w = sae.W_dec[:, 0] / sae.W_dec[:, 0].norm(dim=-1, keepdim=True)  # [inst, d]
         cos = torch.stack([t.features / t.features.norm(dim=-1, keepdim=True) @ w[i] for i, t in enumerate(trees)])
@@ -252,8 +258,8 @@ def narrow_sweep_hedging(
     beside a copy of itself at width 1 (the control), both with the sweep's own training
     configuration (same L1 coefficient per instance, lr, batch size, schedule, dead-latent
     resampling) on the data each instance was trained on: instance ``i`` draws from
-    ``sweep.trees[i]`` through the same stacked sampler and seed as the sweep, so it sees the same
-    data stream again (:func:`saelib.experiments.absorption.train_hedging_pair`). The old row's move in the
+    ``sweep.trees[i]`` through the same sampler (per instance, or stacked) and seed as the sweep,
+    so it sees the same data stream again (:func:`saelib.experiments.absorption.train_hedging_pair`). The old row's move in the
     extended SAE relative to the control is scored by :func:`saelib.experiments.absorption.hedging_scores`:
     a single latent that hedged (merged its children into the parent direction) gives the children
     up to the new latents and moves into their span.
@@ -273,8 +279,7 @@ def narrow_sweep_hedging(
 
     Raises:
         ValueError: ``sweep`` lacks ``sae``, ``trees`` or ``train_cfg`` (made before they were
-            recorded), its sizes disagree, it was trained with ``independent_instances`` (the
-            stacked sampler cannot serve it), ``n_new`` is not an int >= 1 or leaves no room for a
+            recorded), its sizes disagree, ``n_new`` is not an int >= 1 or leaves no room for a
             random baseline (``1 + n_new >= d_in``), or ``steps`` is not an int >= 1; and whatever
             :func:`saelib.experiments.absorption.extend_sae`, :func:`saelib.core.train.train_sae` and
             :func:`saelib.experiments.absorption.hedging_scores` raise.
@@ -285,7 +290,7 @@ def narrow_sweep_hedging(
     :mod:`saelib.experiments.absorption`: the SAEs are ReLU + L1 bias-free 1-latent SAEs (the reference scores
     BatchTopK SAEs of an LLM), and the further training replays the toy data stream.
     """
-    from ..data.toy_data import stacked_sampler
+    from ..data.toy_data import instance_samplers, stacked_sampler
 
     if sweep.sae is None or sweep.trees is None or sweep.train_cfg is None:
         raise ValueError(
@@ -299,8 +304,6 @@ def narrow_sweep_hedging(
             f"sweep has {sweep.sae.n_inst} SAE instances and {len(sweep.trees)} trees but "
             f"n_q * n_l1 * n_seeds = {n_inst}"
         )
-    if sweep.train_cfg.independent_instances:
-        raise ValueError("sweep was trained with independent_instances, which the stacked toy sampler cannot replay")
     n_new = sweep.n_children if n_new is None else n_new
     if not isinstance(n_new, int) or isinstance(n_new, bool) or n_new < 1:
         raise ValueError(f"n_new must be an int >= 1, got {n_new!r}")
@@ -315,7 +318,8 @@ def narrow_sweep_hedging(
     seed = sweep.train_cfg.seed if seed is None else seed
     cfg = replace(sweep.train_cfg, steps=steps, progress=progress)
     extended, control = train_hedging_pair(
-        sweep.sae, n_new, stacked_sampler(sweep.trees), cfg, init_norm=init_norm, seed=seed
+        sweep.sae, n_new, (instance_samplers if cfg.independent_instances else stacked_sampler)(sweep.trees), cfg,
+        init_norm=init_norm, seed=seed
     )
     scores = hedging_scores(extended, control, before=sweep.sae, n_baselines=n_baselines, seed=seed)
     return NarrowSweepHedging(

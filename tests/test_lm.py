@@ -223,6 +223,29 @@ def test_smollm2_logits_match_transformers(smollm2):
     assert "".join(lm.decode(lm.tokenizer.encode(sentences[0]).ids)) == sentences[0]
 
 
+def test_smollm2_second_load_reads_the_converted_cache(smollm2, monkeypatch):
+    # the fixture converted the GGUF (return_hf always converts) and wrote the converted weights,
+    # tokenizer and config to the cache; a plain load must read them back, without transformers,
+    # and give the same model and tokenizer bit for bit
+    import transformers
+
+    lm, _ = smollm2
+
+    def convert_again(*args, **kwargs):
+        raise AssertionError("load_smollm2 converted the GGUF again instead of reading its cache")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", convert_again)
+    again = lm_mod.load_smollm2(n_ctx=256)
+    assert again.info["loaded_from_cache"] and not lm.info["loaded_from_cache"]
+    sa, sb = lm.model.state_dict(), again.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    text = "Héllo wörld, the <|endoftext|> token and 123 numbers."
+    assert again.tokenizer.encode(text).ids == lm.tokenizer.encode(text).ids and again.bos_id == lm.bos_id
+    ids = torch.tensor([[lm.bos_id] + lm.tokenizer.encode(text).ids])
+    with torch.no_grad():
+        assert torch.equal(again.model(ids), lm.model(ids))
+
+
 def test_smollm2_loss_recovered_one_layer(smollm2):
     from saelib.core.transcoder import mlp_hook_names
     from saelib.experiments.sparse_mlp import SparseMLPConfig, spliced_losses, train_sparse_mlps

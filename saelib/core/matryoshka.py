@@ -390,11 +390,7 @@ def matryoshka_loss(
         return _loop_loss(x, acts, W_dec, b_dec, weights, inner_grad_scale, keep)
     if method not in ("gram", "blocks", "sparse"):
         raise ValueError(f"method must be one of 'auto', 'loop', 'gram', 'blocks', 'sparse', got {method!r}")
-    if keep is None:
-        loss = _unmasked_loss(method, x, acts, W_dec, b_dec, weights)
-    else:
-        keep = keep.to(acts.dtype)
-        loss = _masked_loss(method, x, acts, W_dec, b_dec, weights, keep)
+    loss = _fast_loss(method, x, acts, W_dec, b_dec, weights, None if keep is None else keep.to(acts.dtype))
     if inner_grad_scale is None:
         return loss
     routed = (inner_grad_scale != 1).nonzero().flatten()
@@ -505,43 +501,31 @@ def _loop_loss(
     return torch.stack(out)
 
 
-def _unmasked_loss(
+def _fast_loss(
     method: str,
     x: Float[Tensor, "batch inst d_in"],
     acts: Float[Tensor, "batch inst d_sae"],
     W_dec: Float[Tensor, "inst d_sae d_in"],
     b_dec: Float[Tensor, "inst d_in"],
     weights: Float[Tensor, "inst d_sae"],
+    keep: Float[Tensor, "batch inst d_sae"] | None = None,
 ) -> Float[Tensor, " inst"]:
-    """The loss of every term by one of the fast methods (no routing)."""
+    """The loss of every term by one of the fast methods (no routing); with ``keep``, each
+    (sample, prefix) term weighted by it (``"gram"`` or ``"blocks"`` only)."""
     if method == "sparse":
+        if keep is not None:
+            raise ValueError("method='sparse' cannot weight single (sample, prefix) terms: use 'gram', 'blocks' or 'loop' with keep")
         return _sparse_loss(x, acts, W_dec, b_dec, weights)
     if method == "gram":
-        errs = _gram_errors(x, acts, W_dec, b_dec).mean(0)  # [inst, d_sae]
-        return (errs * weights).sum(-1)
+        errs = _gram_errors(x, acts, W_dec, b_dec)  # [batch, inst, d_sae]
+        if keep is not None:
+            errs = errs * keep
+        return (errs.mean(0) * weights).sum(-1)
     ends = torch.nonzero(weights.sum(0) > 0).flatten() + 1
-    errs = _block_errors(x, acts, W_dec, b_dec, ends).mean(0)  # [inst, n_ends]
-    return (errs * weights[:, ends - 1]).sum(-1)
-
-
-def _masked_loss(
-    method: str,
-    x: Float[Tensor, "batch inst d_in"],
-    acts: Float[Tensor, "batch inst d_sae"],
-    W_dec: Float[Tensor, "inst d_sae d_in"],
-    b_dec: Float[Tensor, "inst d_in"],
-    weights: Float[Tensor, "inst d_sae"],
-    keep: Float[Tensor, "batch inst d_sae"],
-) -> Float[Tensor, " inst"]:
-    """The loss with per-term weights ``keep`` by ``"gram"`` or ``"blocks"`` (no routing)."""
-    if method == "sparse":
-        raise ValueError("method='sparse' cannot weight single (sample, prefix) terms: use 'gram', 'blocks' or 'loop' with keep")
-    if method == "gram":
-        errs = _gram_errors(x, acts, W_dec, b_dec)  # [b, i, s]
-        return ((errs * keep).mean(0) * weights).sum(-1)
-    ends = torch.nonzero(weights.sum(0) > 0).flatten() + 1
-    errs = _block_errors(x, acts, W_dec, b_dec, ends)  # [b, i, n_ends]
-    return ((errs * keep[:, :, ends - 1]).mean(0) * weights[:, ends - 1]).sum(-1)
+    errs = _block_errors(x, acts, W_dec, b_dec, ends)  # [batch, inst, n_ends]
+    if keep is not None:
+        errs = errs * keep[:, :, ends - 1]
+    return (errs.mean(0) * weights[:, ends - 1]).sum(-1)
 
 
 # ---------------------------------------------------------------------- fast paths: dense

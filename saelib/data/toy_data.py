@@ -476,14 +476,13 @@ def stacked_sampler(hierarchies: list[ToyHierarchy]):
     """A data source for :func:`saelib.core.train.train_sae` giving instance ``i`` samples of
     ``hierarchies[i]``: ``(batch, generator) -> x`` of shape ``[batch, inst, d]``.
 
-    Lets one batched training run sweep a data parameter (e.g. the child probability).
-    Raises ValueError if the hierarchies differ in ``d``.
+    Lets one batched training run sweep a data parameter (e.g. the child probability): the
+    instances draw in turn from one generator (for one stream per instance see
+    :func:`instance_samplers`). Raises ValueError if the hierarchies differ in ``d``.
     """
-    dims = {h.d for h in hierarchies}
-    if len(dims) != 1:
-        raise ValueError(f"all hierarchies must share d, got {sorted(dims)}")
+    samplers = instance_samplers(hierarchies)
 
     def sample(batch: int, generator: torch.Generator) -> Tensor:
-        return torch.stack([h.sample(batch, generator)[0] for h in hierarchies], dim=1)
+        return torch.stack([f(batch, generator) for f in samplers], dim=1)
 
     return sample

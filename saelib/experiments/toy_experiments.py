@@ -18,8 +18,8 @@ from .absorption import AbsorptionScores, HedgingScores, absorption_scores, hedg
 from ..core.matryoshka import MatryoshkaConfig
 from ..figures.plotting import sae_feature_heatmaps
 from ..core.sae import SAE, SAEConfig
-from ..data.toy_data import ToyHierarchy
-from ..core.train import History, TrainConfig, train_sae
+from ..data.toy_data import ToyHierarchy, instance_samplers, stacked_sampler
+from ..core.train import DataSource, History, TrainConfig, train_sae
 
 __all__ = [
     "ToyComparison",
@@ -148,6 +148,12 @@ class NarrowSweep:
         return int(self.child_cos_seeds.shape[-1])
 
 
+def _tree_data(trees: list[ToyHierarchy], independent_instances: bool) -> DataSource:
+    """The data source of a sweep over toy trees (instance ``i`` draws from ``trees[i]``): one
+    function per instance for ``TrainConfig.independent_instances``, else one stacked stream."""
+    return instance_samplers(trees) if independent_instances else stacked_sampler(trees)
+
+
 def narrow_sae_sweep(
     q_values: list[float],
     l1_values: list[float],
@@ -173,7 +179,7 @@ def narrow_sae_sweep(
     on how many train beside it; False: one stream drawn for all instances in turn
     (:func:`saelib.data.toy_data.stacked_sampler`, the behaviour before). Raises ValueError if
     ``n_seeds < 1``."""
-    from ..data.toy_data import chanin_parent_children, instance_samplers, stacked_sampler
+    from ..data.toy_data import chanin_parent_children
     from .hedging import hedged_child_cosine
 
     if n_seeds < 1:
@@ -186,7 +192,7 @@ def narrow_sae_sweep(
     sae = SAE(SAEConfig(d_in=trees[0].d, d_sae=1, n_inst=len(trees), use_b_dec=False, seed=seed))
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, l1_coeff=coeffs, l1_warmup_frac=0.0,
                       resample_dead_every=200, seed=seed, independent_instances=independent_instances, progress=False)
-    train_sae(sae, instance_samplers(trees) if independent_instances else stacked_sampler(trees), cfg)
+    train_sae(sae, _tree_data(trees, independent_instances), cfg)
     with torch.no_grad():
         w = sae.W_dec[:, 0] / sae.W_dec[:, 0].norm(dim=-1, keepdim=True)  # [inst, d]
         cos = torch.stack([t.features / t.features.norm(dim=-1, keepdim=True) @ w[i] for i, t in enumerate(trees)])
@@ -290,8 +296,6 @@ def narrow_sweep_hedging(
     :mod:`saelib.experiments.absorption`: the SAEs are ReLU + L1 bias-free 1-latent SAEs (the reference scores
     BatchTopK SAEs of an LLM), and the further training replays the toy data stream.
     """
-    from ..data.toy_data import instance_samplers, stacked_sampler
-
     if sweep.sae is None or sweep.trees is None or sweep.train_cfg is None:
         raise ValueError(
             "sweep must hold its SAEs, trees and train_cfg (a NarrowSweep from narrow_sae_sweep); "
@@ -318,8 +322,7 @@ def narrow_sweep_hedging(
     seed = sweep.train_cfg.seed if seed is None else seed
     cfg = replace(sweep.train_cfg, steps=steps, progress=progress)
     extended, control = train_hedging_pair(
-        sweep.sae, n_new, (instance_samplers if cfg.independent_instances else stacked_sampler)(sweep.trees), cfg,
-        init_norm=init_norm, seed=seed
+        sweep.sae, n_new, _tree_data(sweep.trees, cfg.independent_instances), cfg, init_norm=init_norm, seed=seed
     )
     scores = hedging_scores(extended, control, before=sweep.sae, n_baselines=n_baselines, seed=seed)
     return NarrowSweepHedging(

@@ -118,11 +118,20 @@ def test_margins_are_distances_to_the_flipping_point():
     assert c.margin == pytest.approx(tol + 0.05 - 0.05)
     c = cl.between("x", vals, 0.3, 0.5, source="s")
     assert c.margin == pytest.approx(0.2 - (0.3 - tol))
-    # a count: 6 of 8 against "at least 5" is 1.5 seeds from flipping; binomial SE sqrt(8 * 0.75 * 0.25)
+    # a count: 6 of 8 against "at least 5" is 1.5 seeds from flipping; binomial SE with the Jeffreys
+    # rate (6 + 1/2) / 9: sqrt(8 * 6.5/9 * 2.5/9) = sqrt(130) / 9
     c = cl.count_at_least("n", [True] * 6 + [False] * 2, 5, source="s")
-    assert c.margin == 1.5 and c.se == pytest.approx(math.sqrt(1.5)) and not c.within_noise
+    assert c.margin == 1.5 and c.se == pytest.approx(math.sqrt(130) / 9) and not c.within_noise
     c = cl.count_at_least("n", [True] * 5 + [False] * 3, 5, source="s")
     assert c.margin == 0.5 and c.within_noise
+    # every seed agreeing is not certainty: 8 of 8 against "all 8" (0.5 from flipping) has
+    # SE sqrt(8 * 17/18 * 1/18) = sqrt(136) / 18 = 0.648 seeds, so it is within the seed noise;
+    # 8 of 8 against "at least 5" (3.5 from flipping) is not
+    every = cl.count_at_least("n", [True] * 8, 8, source="s")
+    assert every.holds and every.se == pytest.approx(math.sqrt(136) / 18) and every.within_noise
+    assert not cl.count_at_least("n", [True] * 8, 5, source="s").within_noise
+    never = cl.count_below("n", [False] * 8, 1, source="s")
+    assert never.holds and never.se == pytest.approx(math.sqrt(136) / 18) and never.within_noise
     assert not cl.finding("f", True).within_noise
 
 

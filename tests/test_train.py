@@ -625,14 +625,19 @@ def test_retain_freed_cpu_memory_stops_page_faults_on_reallocation():
 
     if not sys.platform.startswith("linux") or "libc.so" not in (ctypes.util.find_library("c") or ""):
         pytest.skip("mallopt tuning applies to Linux glibc only")
-    out = subprocess.run([sys.executable, "-c", RETAIN_PROBE], capture_output=True, text=True, check=True)
-    default, ok, retained = out.stdout.split()
+    # three fresh processes, the fewest faults kept (as timeit keeps the fastest run): a fault
+    # count can only be raised from outside the probe (another job reclaiming or compacting memory
+    # on a shared machine: 3 blocks of faults seen once in CI while a second training job ran)
+    runs = [subprocess.run([sys.executable, "-c", RETAIN_PROBE], capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(3)]
+    assert all(ok == "True" for _, ok, _ in runs), runs
+    default = min(int(d) for d, _, _ in runs)
+    retained = min(int(r) for _, _, r in runs)
     # 8 x 64 MiB of fresh 4 KiB pages by default (transparent huge pages would need far fewer)
-    if int(default) < 8 * 4096:
+    if default < 8 * 4096:
         pytest.skip(f"this kernel/allocator already avoids the faults ({default})")
-    assert ok == "True"
     # the heap may still grow once (one 64 MiB block of faults); the other 7 reuse it
-    assert int(retained) <= int(default) // 4, (default, retained)
+    assert retained <= default // 4, runs
 
 
 def _penalty_with(freq_target, target_l0):

@@ -118,7 +118,8 @@ class Claim:
         margin: signed distance of the statistic from the point where ``holds`` would flip, in the
             statistic's units (>= 0 when it holds); NaN for a boolean finding.
         se: one standard error of the statistic (half the tolerance; for a count of seeds the
-            binomial ``sqrt(n p (1 - p))``); 0 for a boolean finding. A claim with
+            binomial ``sqrt(n p (1 - p))`` with the Jeffreys rate ``p = (count + 1/2) / (n + 1)``,
+            never 0); 0 for a boolean finding. A claim with
             ``|margin| < se`` is within the seed noise: another machine or seed may decide it the
             other way (see :func:`check_claims`).
         full_size: the claim speaks about the full-size run only (a language-model notebook's
@@ -232,8 +233,16 @@ def difference_above(text: str, a: Iterable[float], b: Iterable[float], bound: f
 
 
 def _binomial_se(n: int, total: int) -> float:
-    """One standard error of a count of ``n`` seeds out of ``total``: ``sqrt(total p (1 - p))``."""
-    p = n / total
+    """One standard error of a count of ``n`` seeds out of ``total``: ``sqrt(total p (1 - p))`` with
+    ``p = (n + 1/2) / (total + 1)``, the rate's posterior mean under Jeffreys' prior Beta(1/2, 1/2).
+
+    The plain estimate ``p = n / total`` gives a standard error of 0 when every seed agrees
+    (8 of 8, 0 of 8), as if the rate were known exactly: a claim like "in every seed" would then
+    never be within the seed noise, although a ninth seed, or the same eight seeds on a CPU that
+    rounds differently, may disagree (seen: 8/8 here, 7/8 under ``ATEN_CPU_CAPABILITY=default``).
+    With the half-count the standard error of 8 of 8 is ``sqrt(8 · 17/18 · 1/18) ≈ 0.65`` seeds.
+    """
+    p = (n + 0.5) / (total + 1)
     return math.sqrt(total * p * (1 - p))
 
 

@@ -387,3 +387,23 @@ def test_train_hedging_pair_runs_and_scores():
     s = hedging_scores(ext, ctrl, before=before)
     assert s.hedging_rate.shape == (2,) and torch.isfinite(s.hedging_rate).all()
     assert (s.hedging_rate >= 0).all()
+
+
+def test_weight_metrics_of_the_true_dictionary_and_of_a_missing_feature():
+    from saelib.data.toy_data import nabeshima_tree
+    from saelib.experiments.absorption import instance_summary, weight_metrics
+    from saelib.experiments.hierarchy_analysis import init_at_features
+
+    tree = nabeshima_tree(seed=0)
+    n = tree.n_features
+    sae = SAE(SAEConfig(d_in=tree.d, d_sae=n, n_inst=2, seed=1))
+    init_at_features(sae, tree.features, list(range(n)))
+    # instance 1: latent 0 writes feature 1 as well, so feature 0 has no latent of its own
+    init_at_features(sae, tree.features, [1] + list(range(1, n)), instances=[1])
+    true, missing = weight_metrics(sae, 0, tree), weight_metrics(sae, 1, tree)
+    assert true["mcc"] == pytest.approx(1.0) and true["recovered"] == n and true["stuck"] == 0
+    assert true["diagonal"] == pytest.approx(1.0)
+    assert missing["recovered"] == n - 1 and missing["stuck"] == 1 and missing["mcc"] < 1 - 1 / (2 * n)
+    assert instance_summary(sae, tree) == [true, missing]
+    with pytest.raises(IndexError, match="instance 2"):
+        weight_metrics(sae, 2, tree)

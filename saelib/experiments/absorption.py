@@ -110,6 +110,7 @@ from ..core.train import DataSource, TrainConfig, train_sae
 __all__ = [
     "parent_child_pattern",
     "matched_latents",
+    "weight_metrics",
     "instance_summary",
     "AbsorptionScores",
     "absorption_scores",
@@ -185,20 +186,32 @@ def parent_child_pattern(
     }
 
 
+def weight_metrics(sae: SAE, instance: int, hierarchy: ToyHierarchy, threshold: float = 0.9) -> dict[str, float]:
+    """The metrics of one instance that its weights alone decide (no data): decoder ``mcc``,
+    ``recovered`` (features whose matched decoder cosine > ``threshold``), ``stuck`` (features
+    not recovered), the decoder's parent/child pattern and, under the decoder's matching, the
+    encoder's (keys prefixed ``enc_``; see :func:`parent_child_pattern`).
+
+    The one per-instance evaluation behind :func:`instance_summary` and
+    :func:`saelib.experiments.hierarchy_analysis.evaluate_instances`.
+    Raises IndexError for an instance outside ``[0, sae.n_inst)``.
+    """
+    if not 0 <= instance < sae.n_inst:
+        raise IndexError(f"instance {instance} outside [0, {sae.n_inst})")
+    dec = decoder_cosines(sae.W_dec[instance].detach(), hierarchy.features)
+    enc = encoder_cosines(sae.W_enc[instance].detach(), hierarchy.features)
+    n_rec = int(recovered_features(dec, threshold).sum())
+    row = {"mcc": mcc(dec), "recovered": n_rec, "stuck": hierarchy.n_features - n_rec}
+    row.update(parent_child_pattern(dec, hierarchy))
+    row.update({f"enc_{k}": v for k, v in parent_child_pattern(enc, hierarchy, match_cos=dec).items()})
+    return row
+
+
 def instance_summary(sae: SAE, hierarchy: ToyHierarchy, threshold: float = 0.9) -> list[dict[str, float]]:
-    """Per instance: decoder MCC, features recovered (matched decoder cos > ``threshold``), stuck
-    latents (features not recovered), and the decoder and encoder parent/child patterns
-    (see :func:`saelib.experiments.absorption.parent_child_pattern`; encoder keys are prefixed ``enc_``)."""
-    out = []
-    for i in range(sae.n_inst):
-        dec = decoder_cosines(sae.W_dec[i].detach(), hierarchy.features)
-        enc = encoder_cosines(sae.W_enc[i].detach(), hierarchy.features)
-        n_rec = int(recovered_features(dec, threshold).sum())
-        row = {"mcc": mcc(dec), "recovered": n_rec, "stuck": hierarchy.n_features - n_rec}
-        row.update(parent_child_pattern(dec, hierarchy))
-        row.update({f"enc_{k}": v for k, v in parent_child_pattern(enc, hierarchy, match_cos=dec).items()})
-        out.append(row)
-    return out
+    """Per instance, :func:`weight_metrics`: decoder MCC, features recovered (matched decoder cos >
+    ``threshold``), stuck latents (features not recovered), and the decoder and encoder
+    parent/child patterns (encoder keys are prefixed ``enc_``)."""
+    return [weight_metrics(sae, i, hierarchy, threshold) for i in range(sae.n_inst)]
 
 
 # ---------------------------------------------------------------------------- shared checks

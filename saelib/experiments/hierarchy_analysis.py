@@ -21,9 +21,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .absorption import absorption_scores, matched_latents, parent_child_pattern
+from .absorption import absorption_scores, matched_latents, weight_metrics
 from .matryoshka_probes import parent_child_split_terms, prefix_term_gradient
-from ..core.metrics import active, dead_latents, decoder_cosines, encoder_cosines, fvu, l0, mcc, recovered_features
+from ..core.metrics import active, dead_latents, decoder_cosines, fvu, l0
 from ..core.sae import SAE
 from ..data.toy_data import ToyHierarchy
 
@@ -78,17 +78,14 @@ def evaluate_instances(
         x = x * input_scale
     x_hat, acts = sae(x)
     rows: dict[str, list[float]] = {}
+    half = (sae.d_sae + 1) // 2
     for i in range(sae.n_inst):
-        dec = decoder_cosines(sae.W_dec[i], hierarchy.features)
-        enc = encoder_cosines(sae.W_enc[i], hierarchy.features)
-        rec = int(recovered_features(dec, threshold).sum())
-        row = {"mcc": mcc(dec), "recovered": float(rec), "all_recovered": float(rec == hierarchy.n_features)}
-        best = dec.max(dim=1).values  # [d_sae]
-        half = (sae.d_sae + 1) // 2
+        w = weight_metrics(sae, i, hierarchy, threshold)
+        row = {"mcc": w["mcc"], "recovered": float(w["recovered"]), "all_recovered": float(w["stuck"] == 0)}
+        best = decoder_cosines(sae.W_dec[i], hierarchy.features).max(dim=1).values  # [d_sae]
         row.update({"early_cos": float(best[:half].mean()), "late_cos": float(best[half:].mean())})
-        row.update({k: v for k, v in parent_child_pattern(dec, hierarchy).items() if k in _PATTERN_KEYS})
-        enc_pat = parent_child_pattern(enc, hierarchy, match_cos=dec)
-        row.update({f"enc_{k}": enc_pat[k] for k in _PATTERN_KEYS})
+        row.update({k: v for k, v in w.items() if k in _PATTERN_KEYS})  # the pattern's own order
+        row.update({f"enc_{k}": w[f"enc_{k}"] for k in _PATTERN_KEYS})
         for k, v in row.items():
             rows.setdefault(k, []).append(v)
     out = {k: torch.tensor(v) for k, v in rows.items()}

@@ -1,6 +1,7 @@
 # Two entry points (see README.md):
-#   make figures  - main job: set up the environment if missing, execute every notebook in order,
-#                   write every figure under figures/
+#   make figures  - main job: set up the environment if missing, execute every notebook (the one-thread toy
+#                   notebooks two at a time, then the language-model notebooks in order), write every
+#                   figure under figures/
 #   make test     - set up the environment if missing, run the unit tests and every notebook under nbval
 # (make test-portable: make test again as CPUs without AVX-512 would round; see below)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -34,12 +35,22 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # widget cells are tagged skip-execution (see notebooks/README.md): nbclient can deadlock after an
-# ipywidgets.interact cell, so the main job leaves them to Jupyter and to make test (nbval)
+# ipywidgets.interact cell, so the main job leaves them to Jupyter and to make test (nbval).
+# The toy notebooks (01-05) each run on one torch thread and depend on no other notebook, so they run
+# FIGURES_JOBS at a time (2: one per core here; the same numbers as one at a time, since each is
+# single-threaded and seeded); then the language-model notebooks, which use every core, one after
+# another in order (08 reads the activations 07 cached). Any failure stops the job.
+TOY_NOTEBOOKS := $(sort $(wildcard notebooks/0[1-5]_*.ipynb))
+LM_NOTEBOOKS := $(filter-out $(TOY_NOTEBOOKS),$(NOTEBOOKS))
+FIGURES_JOBS ?= 2
+EXECUTE := $(RUN) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
+	--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3
 figures notebooks: $(STAMP)
-	@for nb in $(NOTEBOOKS); do \
+	@printf '%s\n' $(TOY_NOTEBOOKS) | xargs -P $(FIGURES_JOBS) -I {} sh -c \
+		'echo "== executing {}"; $(EXECUTE) "{}" || { echo "make figures: {} FAILED" >&2; exit 255; }'
+	@for nb in $(LM_NOTEBOOKS); do \
 		echo "== executing $$nb"; \
-		$(RUN) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
-			--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3 "$$nb" || exit 1; \
+		$(EXECUTE) "$$nb" || exit 1; \
 	done
 
 # make test: two pytest-xdist workers with one BLAS/OpenMP thread each (2 cores), each notebook's

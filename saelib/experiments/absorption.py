@@ -199,7 +199,13 @@ def weight_metrics(sae: SAE, instance: int, hierarchy: ToyHierarchy, threshold: 
     if not 0 <= instance < sae.n_inst:
         raise IndexError(f"instance {instance} outside [0, {sae.n_inst})")
     dec = decoder_cosines(sae.W_dec[instance].detach(), hierarchy.features)
-    enc = encoder_cosines(sae.W_enc[instance].detach(), hierarchy.features)
+    return _weight_metrics(dec, sae.W_enc[instance].detach(), hierarchy, threshold)
+
+
+def _weight_metrics(dec: Float[Tensor, "d_sae n_feat"], W_enc: Float[Tensor, "d_in d_sae"], hierarchy: ToyHierarchy,
+                    threshold: float) -> dict[str, float]:
+    """:func:`weight_metrics` from the instance's decoder cosines (for callers that also use them)."""
+    enc = encoder_cosines(W_enc, hierarchy.features)
     n_rec = int(recovered_features(dec, threshold).sum())
     row = {"mcc": mcc(dec), "recovered": n_rec, "stuck": hierarchy.n_features - n_rec}
     row.update(parent_child_pattern(dec, hierarchy))

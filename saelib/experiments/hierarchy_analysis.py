@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .absorption import absorption_scores, matched_latents, weight_metrics
+from .absorption import _weight_metrics, absorption_scores, matched_latents
 from .matryoshka_probes import parent_child_split_terms, prefix_term_gradient
 from ..core.metrics import active, dead_latents, decoder_cosines, fvu, l0
 from ..core.sae import SAE
@@ -80,9 +80,10 @@ def evaluate_instances(
     rows: dict[str, list[float]] = {}
     half = (sae.d_sae + 1) // 2
     for i in range(sae.n_inst):
-        w = weight_metrics(sae, i, hierarchy, threshold)
+        dec = decoder_cosines(sae.W_dec[i], hierarchy.features)  # [d_sae, n_feat]
+        w = _weight_metrics(dec, sae.W_enc[i], hierarchy, threshold)
         row = {"mcc": w["mcc"], "recovered": float(w["recovered"]), "all_recovered": float(w["stuck"] == 0)}
-        best = decoder_cosines(sae.W_dec[i], hierarchy.features).max(dim=1).values  # [d_sae]
+        best = dec.max(dim=1).values  # [d_sae]
         row.update({"early_cos": float(best[:half].mean()), "late_cos": float(best[half:].mean())})
         row.update({k: v for k, v in w.items() if k in _PATTERN_KEYS})  # the pattern's own order
         row.update({f"enc_{k}": w[f"enc_{k}"] for k in _PATTERN_KEYS})

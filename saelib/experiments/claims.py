@@ -26,10 +26,11 @@ measured numbers go in a ``# NBVAL_IGNORE_OUTPUT`` cell through :func:`claims_ta
 A change of machine moves a trained SAE about as much as a change of seed does: the statistic on
 another machine is like an independent redraw of the seeds: it differs from this run's by sqrt(2)
 standard errors (one standard deviation of the difference of two draws). A claim is decided here
-only when its margin exceeds ``NOISE_MARGIN_SE`` = 2 · sqrt(2) = 2.83 standard errors; a claim within that band is *within the seed noise*: recorded
-as such, printed as such, and asserted only to stay near its bound (:func:`check_claims`). Seen on
-this project's toy notebooks under ``ATEN_CPU_CAPABILITY=default``: medians of 8 seeds moved by up
-to 2.2 standard errors, and an all-seed count went from 8 of 8 to 7 of 8.
+only when its margin exceeds ``NOISE_MARGIN_SE`` = 2 · sqrt(2) = 2.83 standard errors; a claim
+within that band is *within the seed noise*: recorded as such, printed as such, and asserted only
+to stay near its bound (:func:`check_claims`). Seen on this project's toy notebooks under
+``ATEN_CPU_CAPABILITY=default``: medians of 8 seeds moved by up to 2.2 standard errors, and an
+all-seed count went from 8 of 8 to 7 of 8.
 """
 
 from __future__ import annotations

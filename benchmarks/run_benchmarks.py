@@ -163,7 +163,7 @@ def worker_throughput(spec: dict) -> dict:
     pool = _pool(size, spec["pool"], batch)
     baseline_kib = _status_kib("VmRSS")
     reset_ok = _reset_peak_rss()
-    # The glibc heap setting (TrainConfig.retain_cpu_memory) is opt-in since issue 14 (it changes
+    # The glibc heap setting (TrainConfig.retain_cpu_memory) is opt-in (it changes
     # the allocator of the whole process). This benchmark turns it ON explicitly for saelib's main
     # rows, as it was measured before; the allocator ablation runs saelib without it and SAELens
     # with it.
@@ -589,7 +589,7 @@ def summary(res: dict) -> dict:
 
 
 def targets(s: dict) -> list[dict]:
-    """The issue's targets with the measured value and, where missed, why and what would close it."""
+    """The performance targets with the measured value and, where missed, why and what would close it."""
     def row(key, name, goal, ok, why):
         v = s.get(key)
         return {"key": key, "name": name, "goal": goal, "value": v, "met": None if v is None else ok(v), "why": why}

@@ -1,6 +1,7 @@
 """Tests for the Matryoshka variants in saelib.core.matryoshka (inner-loss weights, gradient routing
-into inner latents, per-term masks), the seed-000 probes in saelib.experiments.matryoshka_probes (the
-parent-in / child-out terms, the decoder-gradient probe) and per-instance configs in saelib.core.train.
+into inner latents, per-term masks), the probes of Nabeshima's hypothesis in
+saelib.experiments.matryoshka_probes (the parent-in / child-out terms, the decoder-gradient probe) and
+per-instance configs in saelib.core.train.
 
 Gradients are checked against a naive loop that decodes every prefix with explicit
 ``detach`` on the inner latents; expected weights are worked out by hand.

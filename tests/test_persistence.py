@@ -477,7 +477,7 @@ def test_folder_saved_before_device_and_dtype_loads_on_cpu_float32(tmp_path):
     sae = SAE(SAEConfig(d_in=5, d_sae=7))
     folder = save_sae(sae, tmp_path / "sae")
     cfg = json.loads((folder / CFG_FILENAME).read_text())
-    for key in ("device", "dtype"):  # the layout written before issue 14
+    for key in ("device", "dtype"):  # the layout written before cfg.json recorded them
         del cfg["saelib"][key]
     (folder / CFG_FILENAME).write_text(json.dumps(cfg))
     loaded = load_sae(folder)

@@ -17,7 +17,8 @@ With ``weight_sparsity_by_prefix`` (Nabeshima's code) the sparsity penalty is av
 same prefixes, so latent ``j`` is penalised with its tail weight ``T_j = sum_{m > j} w_m``
 (:func:`latent_weights`).
 
-Variants (seed 000 and 002 questions; notebook 03), all options of :func:`matryoshka_loss`:
+Variants (Nabeshima's and Chanin's questions in the comments on Nabeshima 2024; notebook 03), all
+options of :func:`matryoshka_loss`:
 
 * ``inner_weight`` (Chanin et al. 2025, arXiv 2505.11756, "balance" Matryoshka): every prefix
   shorter than ``d_sae`` gets weight ``inner_weight`` relative to the full prefix before the row is
@@ -25,10 +26,11 @@ Variants (seed 000 and 002 questions; notebook 03), all options of :func:`matryo
 * ``inner_grad_scale``: the loss of a chosen prefix ``m`` sends only this fraction of its gradient
   into the latents that already sit inside the previous chosen prefix (the "inner" sub-SAEs);
   the newest block ``[prev(m), m)`` gets the full gradient. 0 is Nabeshima's stop-gradient
-  experiment (seed 000; Chanin's ``use_delta_loss``), values in ``(0, 1)`` the partial version.
+  experiment (his comment on Bussmann et al. 2024b; Chanin's ``use_delta_loss``), values in ``(0, 1)``
+  the partial version.
   Forward values are unchanged.
 * ``keep``: per-``(sample, prefix)`` term weights, e.g. the parent-in / child-out mask of
-  :class:`saelib.experiments.matryoshka_probes.SplitTermMask` (the seed-000 hypothesis probes live in
+  :class:`saelib.experiments.matryoshka_probes.SplitTermMask` (the probes of Nabeshima's hypothesis live in
   :mod:`saelib.experiments.matryoshka_probes`).
 
 Different instances may use different configs (:class:`PerInstanceMatryoshka`), so that many
@@ -381,7 +383,7 @@ def matryoshka_loss(
 
     Sources: Nabeshima 2024 (random prefixes, stop-gradient question); Bussmann et al. 2025
     (fixed groups); Chanin et al. 2025 (inner-loss weight, delta loss); the every-prefix loss
-    wished for in seed 000.
+    wished for in Nabeshima's comments.
     """
     _check_shapes(x, acts, W_dec, b_dec, weights, inner_grad_scale, keep)
     if method == "auto":
@@ -738,7 +740,7 @@ def _sparse_loss(
     estimator, would need ``method="gram"``).
 
     Raises ValueError on negative weights (shapes are checked by :func:`matryoshka_loss`).
-    Source: the every-prefix Matryoshka loss wished for in seed 000 (block size 1).
+    Source: the every-prefix Matryoshka loss wished for in Nabeshima's comments (block size 1).
     """
     batch, inst, d_sae = acts.shape
     d_in = x.shape[-1]

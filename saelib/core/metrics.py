@@ -21,7 +21,7 @@ Shapes (the vocabulary of :mod:`saelib.core.sae`)::
     cos       [n_latents, n_feat]
     acts      [batch, ..., d_sae] (e.g. [batch, inst, d_sae] from ``SAE.encode``)
 
-Matching follows EXPERIMENTS.md part B: latents are matched one-to-one to features with the
+Matching: latents are matched one-to-one to features with the
 Hungarian algorithm (``scipy.optimize.linear_sum_assignment``) maximising the summed absolute
 cosine; MCC is the mean absolute cosine of that matching, as SAELens defines it
 (``sae_lens.synthetic.evals.mean_correlation_coefficient``; arXiv 2505.20254).
@@ -101,7 +101,7 @@ def decoder_cosines(
 
     Pass one instance (``sae.W_dec[i]``), not the ``[inst, d_sae, d_in]`` parameter.
     Raises ValueError if an input is not 2-D or their ``d_in`` differ.
-    Source: Nabeshima 2024 toy heatmaps (EXPERIMENTS.md part B).
+    Source: Nabeshima 2024 toy heatmaps (REFERENCES.md).
     """
     _check_matrix("W_dec", W_dec, " (pass one instance, e.g. sae.W_dec[i], of shape [d_sae, d_in])")
     _check_matrix("features", features, " (expected [n_feat, d_in])")
@@ -120,7 +120,7 @@ def encoder_cosines(
 
     ``W_enc`` is stored ``[d_in, d_sae]`` as in SAELens; pass one instance (``sae.W_enc[i]``).
     Raises ValueError if an input is not 2-D or their ``d_in`` differ.
-    Source: Nabeshima 2024 toy heatmaps (EXPERIMENTS.md part B).
+    Source: Nabeshima 2024 toy heatmaps (REFERENCES.md).
     """
     _check_matrix("W_enc", W_enc, " (pass one instance, e.g. sae.W_enc[i], of shape [d_in, d_sae])")
     _check_matrix("features", features, " (expected [n_feat, d_in])")
@@ -153,7 +153,7 @@ def hungarian_match(
     cosine is ignored for matching (a latent with cosine -1 matches as well as +1).
 
     Raises ValueError if ``cos`` is not a non-empty 2-D tensor or contains NaN/inf.
-    Source: ``scipy.optimize.linear_sum_assignment`` (EXPERIMENTS.md part B).
+    Source: ``scipy.optimize.linear_sum_assignment``.
     """
     arr = _abs_cos_numpy(cos)
     rows, cols = linear_sum_assignment(arr, maximize=True)
@@ -227,8 +227,8 @@ def best_match_stats(W_a: Float[Tensor, "n d"], W_b: Float[Tensor, "m d"]) -> di
          "median": float}            # median of best_cos (mean of the two middle values if n even)
 
     Not symmetric in ``a`` and ``b``. Raises ValueError as :func:`cosine_matrix`, or if either
-    matrix has no rows. Source: seed 003 (10 % > 0.9, 32 % > 0.8, median 0.686), EXPERIMENTS.md
-    part B.
+    matrix has no rows. Source: Farrell 2024 in REFERENCES.md (10 % > 0.9, 32 % > 0.8, median
+    0.686).
     """
     _check_matrix("W_a", W_a)
     _check_matrix("W_b", W_b)

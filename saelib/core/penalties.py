@@ -13,7 +13,7 @@ Two kinds of penalty:
 
 The penalties (``s >= 0`` after the ReLU), with the prior over activations that
 ``coeff * pen(s)`` implies when read as a negative log-density, ``p(s) ∝ exp(-coeff * pen(s))``
-(sparse coding's MAP reading; Olshausen & Field 1997; seed 001):
+(sparse coding's MAP reading; Olshausen & Field 1997; Apollo Research 2024 in REFERENCES.md):
 
 ==================  ==========================================  ===================================
 name                ``pen(s)``                                  implied prior on ``s >= 0``
@@ -42,10 +42,11 @@ target ``rho`` (``FREQ_TARGET`` unless the caller gives one: :func:`saelib.core.
 ``target_l0 / d_sae`` when it steers L0 to a target, the frequency at which every latent would fire
 equally often at the target L0; with 0.05 and 4,608 latents the frequency term alone asks for an L0
 of 230 and overrides a target of 32). It grows without bound as a latent's frequency goes to 0, the
-"sparsity-frequency penalty" that seed 003 pairs with an L0 approximation to avoid dead latents;
-seed 003 does not give its formulas, so these are our choice.
+"sparsity-frequency penalty" that Farrell 2024 pairs with an L0 approximation to avoid dead latents;
+Farrell does not give his formulas, so these are our choice.
 
-Instability (seed 001, Lawrence's remark): ``d sqrt(s) / ds = 1 / (2 sqrt(s))`` is unbounded as
+Instability (Lawrence's remark, quoted in Gross's comment on Sharkey 2024):
+``d sqrt(s) / ds = 1 / (2 sqrt(s))`` is unbounded as
 ``s -> 0+``, so a latent with a tiny but nonzero overlap with an input gets a huge push to zero.
 ``lp_half`` evaluates ``sqrt(max(s, LP_FLOOR))``: below ``LP_FLOOR`` the gradient is 0 instead of
 inf * 0 = NaN (which the decoder-norm scaling would otherwise produce at ``s = 0``); above it the

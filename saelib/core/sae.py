@@ -52,7 +52,7 @@ class SAEConfig:
         architecture: ``"relu"``, ``"topk"`` or ``"batchtopk"``.
         k: active latents per sample for TopK / BatchTopK (ignored for ReLU).
         use_b_dec: False gives the bias-free variant (b_dec fixed at 0), used for closed-form
-            comparisons (the optimum of EXPERIMENTS.md part A assumes no bias).
+            comparisons (the optimum of :mod:`saelib.experiments.hedging` assumes no bias).
         dec_init_norm: initial norm of every decoder row (Nabeshima: 0.1).
         batchtopk_threshold_ema: EMA rate of the BatchTopK inference threshold.
         d_out: output dimension; None means ``d_in`` (an autoencoder).

@@ -111,7 +111,7 @@ class TrainConfig:
             dead-latent resampling, so instance ``i`` trains exactly as it would alone (its
             initial weights via :meth:`saelib.core.sae.SAE.instance`, ``instance_ids=[i]``) and
             ``n`` instances are ``n`` independent seeds, not ``n`` initialisations that share
-            one data stream (project issue 12, "Independent seeds"). The data function must then
+            one data stream (what notebooks 01-05 need for seed statistics). The data function must then
             return one instance's batch, ``[batch, d_in]`` (or a pair), and costs ``n_inst``
             calls per step; latent permutation and TopK/BatchTopK draw nothing and need no
             stream. Equal to the lone run up to floating-point rounding: a one-instance run takes

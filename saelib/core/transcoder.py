@@ -6,7 +6,7 @@ A transcoder for layer ``l`` replaces that layer's MLP: it reads the MLP's input
 ``blocks.l.ln2.hook_normalized``; :func:`mlp_hook_names`) and predicts the MLP's output
 (``blocks.l.hook_mlp_out``) through ``d_sae`` ReLU latents. It is a :class:`saelib.core.sae.SAE`
 with ``d_out`` set and ``apply_b_dec_to_input=False`` (Dunefsky et al. 2024, arXiv 2406.11944;
-Nabeshima's sparse MLPs, seed 004 / EXPERIMENTS.md part F); :class:`SparseMLP` holds one such
+Nabeshima's sparse MLPs, Nabeshima 2024b in REFERENCES.md); :class:`SparseMLP` holds one such
 SAE (one instance per setting of a sweep) with the layer and hooks it belongs to.
 
 Trained on inputs and targets each multiplied by a fixed scalar

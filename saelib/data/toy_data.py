@@ -454,7 +454,8 @@ def chanin_parent_children(
 
 def chanin_absorption_order(d: int = 20, seed: int = 0) -> ToyHierarchy:
     """Chanin's absorption-order case: parent p = 0.3 magnitude 2 (E[‖x‖²] share 1.2), one child
-    p = 0.15 overall (0.5 given the parent) magnitude 10 (share 15.0). Source: seed thread 002."""
+    p = 0.15 overall (0.5 given the parent) magnitude 10 (share 15.0). Source: Chanin's comment on Nabeshima 2024
+    (REFERENCES.md)."""
     root = FeatureNode(0.3, magnitude=2.0, children=(FeatureNode(0.5, magnitude=10.0),))
     return ToyHierarchy(HierarchySpec((root,), d=d, seed=seed))
 

@@ -3,7 +3,7 @@
 Every notebook's checking cells follow one rule (``notebooks/README.md``):
 
 * a **claim** is a statistic over seeds (the median, or a count of seeds) compared with a number or
-  a bound taken from the source (a seed thread, paper or repository);
+  a bound taken from the source (a post, comment, paper or repository in REFERENCES.md);
 * its **tolerance comes from the seed spread**: two standard errors of the median,
   ``tol = 2 · 1.2533 · 1.4826 · MAD / sqrt(n)`` (the MAD scaled to a standard deviation, times the
   asymptotic standard error of a median, so one stuck seed does not widen it); for a difference of
@@ -125,7 +125,8 @@ class Claim:
     Attributes:
         text: the claim in words (what the verdict line prints).
         published: the source's number or bound, as the source gives it (e.g. ``"≈ +0.2"``).
-        source: who claims it (a seed thread, paper, or ``"this project"`` for a finding).
+        source: who claims it (a key of REFERENCES.md such as ``"[Nabeshima 2024]"``, or
+            ``"this project"`` for a finding).
         measured: the statistic (median over seeds, difference of medians, or a count).
         tolerance: the tolerance from the seed spread (0 for counts), in the statistic's units.
         n_seeds: number of seeds behind the statistic.

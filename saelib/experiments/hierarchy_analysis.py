@@ -5,7 +5,7 @@ Used by notebooks 03 (Matryoshka variants) and 04 (sparsity penalties), where ma
 seeds or coefficients share one batched :class:`saelib.core.sae.SAE` and a ``groups`` mapping
 ``{variant name: instance indices}`` says which instance is which.
 
-Metric conventions (EXPERIMENTS.md parts A-C): MCC and recovery from decoder cosines with the
+Metric conventions: MCC and recovery from decoder cosines with the
 true features under the Hungarian matching (:mod:`saelib.core.metrics`); FVU and L0 on a fresh,
 seeded evaluation batch; parent/child cosine patterns from
 :func:`saelib.experiments.absorption.parent_child_pattern`.
@@ -240,7 +240,7 @@ def split_term_push(
     seed: int = 0,
     input_scale: float = 1.0,
 ) -> dict[str, Float[Tensor, "inst n_parents"]]:
-    """Nabeshima's hypothesis probe (seed 000): how the parent-in / child-out loss terms move each
+    """Nabeshima's hypothesis probe (Nabeshima 2024): how the parent-in / child-out loss terms move each
     parent's decoder row along its children, against all other terms.
 
     For every feature with children (in index order), the descent step that the selected terms

@@ -1,5 +1,5 @@
 """Probes of Nabeshima's hypothesis for the residual parent/child mixing of Matryoshka SAEs
-(seed 000; notebook 03, "Matryoshka variants").
+(notebook 03, "Matryoshka variants").
 
 Nabeshima 2024 ("Matryoshka Sparse Autoencoders", LessWrong) suggests that a parent latent
 keeps absorbing its children because of the loss terms in which a child feature is active and
@@ -35,7 +35,7 @@ def parent_child_split_terms(
     parent ``p`` has ``coeffs[b, c] > 0`` and ``coeffs[b, p] > 0`` (child and parent both
     active), and ``latent_of_feature[i, p] < m <= latent_of_feature[i, c]``: the prefix contains
     the parent's latent but not the child's. These are the loss terms of Nabeshima's hypothesis
-    for the residual mixing (seed 000). A latent index of -1 means "no latent": pairs involving
+    for the residual mixing. A latent index of -1 means "no latent": pairs involving
     it are never marked.
 
     Raises ValueError on mismatched shapes.
@@ -139,7 +139,7 @@ def prefix_term_gradient(
     one set per instance). Positive means these terms pull the decoder row toward the direction.
     Reconstruction only (no sparsity penalty). Parameters are not changed.
 
-    Used for Nabeshima's hypothesis (seed 000): with ``terms`` from
+    Used for Nabeshima's hypothesis (Nabeshima 2024): with ``terms`` from
     :func:`parent_child_split_terms`, ``latent`` the parent latents and ``directions`` the child
     features, a positive value is the push of the parent decoder toward its children.
 

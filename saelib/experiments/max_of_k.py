@@ -10,7 +10,7 @@ and frozen; uniformly random token sequences; cross-entropy of the true maximum 
 position; AdamW (lr 1e-3, betas (0.9, 0.999), torch's default weight decay 0.01), batch 128,
 3000 steps (one pass over 384k fresh sequences).
 
-Jason Gross's prediction (LessWrong comment, seed thread 001): an SAE on this model's
+Jason Gross's prediction (LessWrong comment on Apollo Research 2024, REFERENCES.md): an SAE on this model's
 activations with width ``d_vocab`` finds roughly one latent per sequence maximum; wider SAEs
 split those latents by the query token, the largest non-max token and the number of copies of
 the maximum. :func:`ground_truth` gives those four variables for every sequence and
@@ -560,7 +560,7 @@ def split_nesting(
     mass inside the parent's range as the parent itself does, so a child that copies its parent is
     nested and one dedicated to a maximum inside the range is too). ``range_nested`` is the
     stricter set test: the child's own ``range_mass`` range lies inside the parent's. This is the
-    nesting Gross's splitting picture implies (seed thread 001: a width-``d_vocab`` latent per
+    nesting Gross's splitting picture implies (his comment: a width-``d_vocab`` latent per
     maximum splitting further by secondary variables; a coarse latent's children refine its
     maxima); the criterion and its thresholds are this project's choice.
 
@@ -667,7 +667,7 @@ def maxima_coverage(labels: LatentLabels, d_vocab: int, purity: float = 0.5) -> 
     A latent is dedicated to maximum ``m`` when it is alive, ``max_top == m`` and
     ``max_purity > purity`` (more than ``purity`` of its activation mass on ``m``; notebook 05's
     ``PURITY``), as in :func:`summarize_labels`, whose ``maxima_covered`` equals ``covered``.
-    Gross (seed thread 001) predicts that an SAE of width ``d_vocab`` "should find one feature for
+    Gross (comment on Apollo Research 2024) predicts that an SAE of width ``d_vocab`` "should find one feature for
     each sequence maximum (roughly)": ``covered == exactly_one == d_vocab``.
 
     Raises ValueError unless ``0 <= purity < 1`` and ``d_vocab >= 1``, or if a dedicated latent's
@@ -734,7 +734,7 @@ def analyse_split_run(
 ) -> SplitRun:
     """Label one seed's SAEs (``acts[l]``: width ``widths[l]``'s decoder-norm-scaled activations
     on ``tokens``), link consecutive widths by directed masked cosine similarity (Nabeshima;
-    :mod:`saelib.experiments.feature_trees`), and measure Gross's splitting claims (seed thread 001): how a
+    :mod:`saelib.experiments.feature_trees`), and measure Gross's splitting claims: how a
     narrow latent splits into latents dedicated to single maxima, whether the split tree is
     nested (:func:`split_nesting`), and how many maxima get a latent at width ``d_vocab``
     (:func:`maxima_coverage`).

@@ -1,5 +1,5 @@
 """Polysemanticity checks on an SAE (or sparse MLP) trained on a real language model over real
-text (EXPERIMENTS.md part G; seeds 003 and 004): feature density, dead and dense latents, the
+text (Farrell 2024 and Nabeshima 2024b, REFERENCES.md): feature density, dead and dense latents, the
 contexts where a latent fires most and where it fires weakly (the bottom 10 % of its maximum),
 whether its activation depends on token position or it fires on nearly every token but BOS.
 

@@ -1,4 +1,4 @@
-"""The sparse-MLP experiment (Nabeshima, seed 004 / EXPERIMENTS.md part F): transcoders
+"""The sparse-MLP experiment (Nabeshima 2024b, REFERENCES.md): transcoders
 trained on an LM's MLP layers over a sweep of sparsity penalties, spliced into the model to
 measure loss recovered, compared neuron by neuron with the original MLP, and set against the
 published numbers in tables and figures.
@@ -85,8 +85,8 @@ __all__ = [
     "plot_neuron_cosines",
 ]
 
-# Published numbers (seed 004, EXPERIMENTS.md part F): 4-layer ReLU TinyStories model, 20K sparse
-# neurons per layer, S = 6; and Anthropic's A/1 autoencoder (Towards Monosemanticity, 2023).
+# Published numbers (Nabeshima 2024b): 4-layer ReLU TinyStories model, 20K sparse neurons per
+# layer, S = 6; and Anthropic's A/1 autoencoder (Towards Monosemanticity, Bricken et al. 2023).
 NABESHIMA_LOSS_ORIG = 1.128
 NABESHIMA_LOSS_ZERO = (3.72, 1.84, 1.56, 2.07)
 NABESHIMA_LOSS_SPARSE_S6 = (1.24, 1.18, 1.21, 1.26)
@@ -359,7 +359,7 @@ def neuron_cosines(model: HookedTransformer, sparse_mlp: SparseMLP) -> dict[str,
     ``"dec"`` compares decoder rows with the MLP's output weights ``W_out`` (rows).
 
     For a gated MLP the input weights are ``W_in`` (the linear branch), not ``W_gate``.
-    Source: Nabeshima, seed 004 (the "neuron simulator" effect fading as S grows).
+    Source: Nabeshima 2024b (the "neuron simulator" effect fading as S grows).
     """
     block = model.blocks[sparse_mlp.layer]
     W_in = block.mlp.W_in.detach()  # [d_model, d_mlp]
@@ -470,7 +470,7 @@ def recovered_at_l0(result: LossRecovered, max_l0: float) -> dict[str, float] | 
 
 
 def loss_recovered_table(results: Sequence[LossRecovered], max_l0: float, dead_frac: dict[int, list[float]] | None = None) -> str:
-    """A Markdown table in the form of EXPERIMENTS.md part F, one row per layer, at the sparsest
+    """A Markdown table laid out like Nabeshima 2024b's numbers, one row per layer, at the sparsest
     operating point allowed: the ``S`` with the highest loss recovered among those with
     ``L0 <= max_l0`` (:func:`recovered_at_l0`), next to Nabeshima's S = 6 numbers for the layer of
     the same rank in his 4-layer model (``results`` in layer order; his L0 is not published) and

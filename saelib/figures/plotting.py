@@ -6,7 +6,7 @@ pyplot), so they hold no global state and a notebook displays one exactly once, 
 cell's value. :func:`save_figure` is the one function that writes figures, under ``figures/``,
 byte-identically on re-runs.
 
-Heatmap conventions (EXPERIMENTS.md part B): rows are SAE latents, columns true features; a
+Heatmap conventions (as in Nabeshima 2024's toy heatmaps): rows are SAE latents, columns true features; a
 diverging colour map centred at 0 (red +, blue −) on ``[-1, 1]``; latents in Hungarian order so
 the diagonal is the match, with tick labels giving the original latent indices; black squares
 mark parent/child blocks.
@@ -154,7 +154,7 @@ def sae_feature_heatmaps(
     ``sae.b_dec[i]``.
 
     Raises ValueError if the shapes disagree (see :func:`saelib.core.metrics.decoder_cosines`), or as
-    :func:`cosine_heatmap`. Source: Nabeshima 2024 toy heatmaps (EXPERIMENTS.md part A/B).
+    :func:`cosine_heatmap`. Source: Nabeshima 2024 toy heatmaps (REFERENCES.md).
     """
     dec = decoder_cosines(W_dec, features)  # [d_sae, n_feat]
     enc = encoder_cosines(W_enc, features)  # [d_sae, n_feat]

@@ -3,7 +3,7 @@ the embedded default model (trained once per machine on the Wikipedia corpus, th
 SmolLM2-135M converted from its GGUF file, or any TransformerLens model name; plus held-out
 loss, a unigram baseline and batched activation collection through hooks.
 
-**Default model** (Nabeshima's choices for his sparse-MLP experiments, EXPERIMENTS.md part F:
+**Default model** (Nabeshima's choices for his sparse-MLP experiments, Nabeshima 2024b in REFERENCES.md:
 4 layers, ReLU MLPs, no LayerNorm), sized for a CPU: ``d_model=128, d_mlp=512, n_heads=4,
 d_head=32``, vocabulary and context from :class:`saelib.data.corpus.CorpusConfig` (4096, 128);
 1.9 M parameters. Trained with AdamW on random training sequences (next-token cross-entropy),

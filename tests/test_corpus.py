@@ -6,11 +6,11 @@ import hashlib
 import pytest
 import torch
 
+from saelib.core.io import config_hash
 from saelib.data import corpus as corpus_mod
 from saelib.data.corpus import (
     EOT_TOKEN,
     CorpusConfig,
-    config_hash,
     load_corpus,
     load_wiki_leads,
     split_documents,

@@ -1,14 +1,21 @@
 """Tests for saelib.core.persistence: SAELens round trips, exact saelib round trips, clear errors on
-broken checkpoints, atomic and deterministic writes."""
+broken checkpoints, atomic and deterministic writes, saves killed (SIGKILL) at every stage."""
 
+import ast
 import json
+import os
+import signal
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import saelib.core.persistence
+import saelib.core
+import saelib.core.io
+from saelib.core.io import remove_stale_temp_files, remove_stale_temp_folders
 from saelib.core.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, sae_lens_folder, save_instances, save_sae
 from saelib.core.sae import SAE, SAEConfig
 
@@ -289,8 +296,24 @@ def test_missing_and_unexpected_tensors(saved):
 
 
 # ---------------------------------------------------------------------------- atomicity
+SAE_FILES = {CFG_FILENAME, WEIGHTS_FILENAME}
+# the stages of a save over an existing SAE folder, in order (saelib.core.io.atomic_write_folder)
+STAGES = ["created", f"wrote {WEIGHTS_FILENAME}", f"wrote {CFG_FILENAME}", "synced", "swapped", "synced parent",
+          "removed old"]
+
+
 def snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def sibling(target: str, kind: str = "saving") -> str:
+    """A sibling folder name as the module docstring of saelib.core.io gives it."""
+    return f".{target}.{uuid.uuid4().hex}.{kind}"
+
+
+def leftover_name(target: str) -> str:
+    """A temporary file name as atomic_write_bytes makes it (``.<name>.<uuid4 hex>.tmp``)."""
+    return f".{target}.{uuid.uuid4().hex}.tmp"
 
 
 def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
@@ -300,60 +323,198 @@ def test_failed_write_keeps_old_files(tmp_path, monkeypatch):
     def failing_fsync(fd):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(saelib.core.persistence.os, "fsync", failing_fsync)
+    monkeypatch.setattr(saelib.core.io.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="simulated"):
         save_sae(build_sae("relu"), folder, instance=1)  # different weights
-    assert snapshot(folder) == before  # old files intact, no temporary files left behind
+    assert snapshot(folder) == before  # old files intact
+    assert os.listdir(tmp_path) == ["sae"]  # no temporary folder left behind
 
 
-def test_interrupted_save_between_files_is_detected(tmp_path, monkeypatch):
-    folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
-    real_replace = saelib.core.persistence.os.replace
-
-    def replace_weights_only(src, dst):
-        if str(dst).endswith(CFG_FILENAME):
-            raise OSError("crash before cfg.json (simulated)")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(saelib.core.persistence.os, "replace", replace_weights_only)
-    with pytest.raises(OSError, match="simulated"):
-        save_sae(build_sae("relu"), folder, instance=1)
-    monkeypatch.undo()
-    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME])
-    with pytest.raises(ValueError, match="SHA-256"):
-        load_sae(folder)
-
-
-def leftover_name(target: str) -> str:
-    """A temporary file name as atomic_write_bytes makes it (``.<name>.<uuid4 hex>.tmp``)."""
-    return f".{target}.{uuid.uuid4().hex}.tmp"
-
-
-def test_next_save_removes_leftovers_of_interrupted_saves(tmp_path):
-    folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
-    stale = [folder / leftover_name(WEIGHTS_FILENAME), folder / leftover_name(CFG_FILENAME)]
-    for path in stale:  # what a save killed between writing and renaming leaves behind
-        path.write_bytes(b"\0" * 4096)
-    others = [folder / f".{WEIGHTS_FILENAME}.not-a-uuid.tmp", folder / "notes.tmp", folder / "keep.txt"]
-    for path in others:  # not ours: kept
-        path.write_bytes(b"x")
+def test_save_over_an_existing_sae_passes_every_stage_in_order(tmp_path, monkeypatch):
     sae = build_sae("relu")
+    folder = save_sae(sae, tmp_path / "sae", instance=0)
+    seen = []
+    monkeypatch.setattr(saelib.core.io, "_stage_hook", seen.append)
     save_sae(sae, folder, instance=1)
-    assert sorted(p.name for p in folder.iterdir()) == sorted([CFG_FILENAME, WEIGHTS_FILENAME] + [p.name for p in others])
+    assert seen == STAGES
+    assert os.listdir(tmp_path) == ["sae"]
     assert_same_state(load_sae(folder), sae.instance(1))
 
 
-def test_cleanup_leaves_a_write_in_progress_alone(tmp_path):
-    """A temporary file whose writer is alive (it holds the lock) is not a leftover."""
+def wait_killed(pid: int, timeout_s: float = 120.0) -> int:
+    """Wait for child ``pid``; the signal that ended it (0 if it exited), failing after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the saving child {pid} did not end within {timeout_s} s")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("stage", STAGES)
+def test_save_killed_at_any_stage_leaves_the_old_or_the_new_sae(tmp_path, sae_lens, stage):
+    sae = build_sae("batchtopk")
+    folder = save_sae(sae, tmp_path / "sae", instance=0)  # the old SAE
+    pid = os.fork()
+    if pid == 0:  # the child saves instance 1 over it and SIGKILLs itself on reaching `stage`
+        try:
+            def kill_at(reached):
+                if reached == stage:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            saelib.core.io._stage_hook = kill_at
+            save_sae(sae, folder, instance=1)
+        finally:
+            os._exit(3)  # reached only if the kill never came
+    assert wait_killed(pid) == signal.SIGKILL
+    expected = 0 if STAGES.index(stage) < STAGES.index("swapped") else 1  # the exchange is the one step
+    assert sorted(os.listdir(folder)) == sorted(SAE_FILES)
+    assert_same_state(load_sae(folder), sae.instance(expected))
+    x = torch.randn(32, D_IN)
+    with torch.no_grad():
+        torch.testing.assert_close(sae_lens.SAE.load_from_disk(str(folder)).encode(x), sae.encode(x)[:, expected],
+                                   rtol=0, atol=1e-5)
+    leftovers = sorted(set(os.listdir(tmp_path)) - {"sae"})
+    assert all(name.startswith(".sae.") and name.endswith(".saving") for name in leftovers)
+    assert bool(leftovers) == (stage != "removed old")  # the killed save's folder (new or old SAE), never loaded
+    save_sae(sae, folder, instance=2)  # the next save removes it
+    assert os.listdir(tmp_path) == ["sae"]
+    assert_same_state(load_sae(folder), sae.instance(2))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_save_failing_at_any_stage_leaves_the_old_or_the_new_sae(tmp_path, monkeypatch, stage):
+    sae = build_sae("relu")
+    folder = save_sae(sae, tmp_path / "sae", instance=0)
+
+    def fail_at(reached):
+        if reached == stage:
+            raise OSError(f"failure at {reached} (simulated)")
+
+    monkeypatch.setattr(saelib.core.io, "_stage_hook", fail_at)
+    with pytest.raises(OSError, match="simulated"):
+        save_sae(sae, folder, instance=1)
+    monkeypatch.undo()
+    swapped = STAGES.index(stage) >= STAGES.index("swapped")
+    assert_same_state(load_sae(folder), sae.instance(1 if swapped else 0))
+    if not swapped:  # cleaned up at once
+        assert os.listdir(tmp_path) == ["sae"]
+    save_sae(sae, folder, instance=2)
+    assert os.listdir(tmp_path) == ["sae"]
+
+
+def test_two_rename_fallback_replaces_and_restores_the_old_folder(tmp_path, monkeypatch):
+    """Where the exchange is unavailable: two renames; a failure between them puts the old SAE back."""
+    sae = build_sae("relu")
+    folder = save_sae(sae, tmp_path / "sae", instance=0)
+    monkeypatch.setattr(saelib.core.io, "_exchange", lambda a, b: False)
+    save_sae(sae, folder, instance=1)
+    assert_same_state(load_sae(folder), sae.instance(1))
+    assert os.listdir(tmp_path) == ["sae"]
+
+    def fail_between_renames(reached):
+        if reached == "moved old aside":
+            assert not folder.exists()  # the window the exchange closes
+            raise OSError("failure between the renames (simulated)")
+
+    monkeypatch.setattr(saelib.core.io, "_stage_hook", fail_between_renames)
+    with pytest.raises(OSError, match="simulated"):
+        save_sae(sae, folder, instance=2)
+    assert_same_state(load_sae(folder), sae.instance(1))
+    assert os.listdir(tmp_path) == ["sae"]
+
+
+def test_weights_of_another_save_are_detected(tmp_path):
+    """Files mixed by other means (e.g. copied by hand) fail the SHA-256 recorded in cfg.json."""
+    sae = build_sae("relu")
+    a, b = save_sae(sae, tmp_path / "a", instance=0), save_sae(sae, tmp_path / "b", instance=1)
+    (a / WEIGHTS_FILENAME).write_bytes((b / WEIGHTS_FILENAME).read_bytes())
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_sae(a)
+
+
+def test_save_refuses_to_replace_what_it_did_not_write(tmp_path):
+    sae = build_sae("relu")
+    folder = save_sae(sae, tmp_path / "sae", instance=0)
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"sae holds \['notes.txt'\]"):
+        save_sae(sae, folder, instance=1)
+    assert (folder / "notes.txt").read_text() == "mine"
+    (folder / "notes.txt").unlink()
+    assert_same_state(load_sae(folder), sae.instance(0))
+    (folder / CFG_FILENAME).unlink()
+    (folder / CFG_FILENAME).mkdir()  # a folder under an SAE file's name is not saelib's either
+    with pytest.raises(FileExistsError, match=CFG_FILENAME):
+        save_sae(sae, folder, instance=1)
+    assert (folder / CFG_FILENAME).is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="file exists and is not a folder"):
+        save_sae(sae, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+    (tmp_path / "link").symlink_to(folder)
+    with pytest.raises(FileExistsError, match="link exists and is not a folder"):
+        save_sae(sae, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["file", "link", "sae"]
+
+
+def test_next_save_removes_leftovers_of_interrupted_saves(tmp_path):
+    sae = build_sae("relu")
+    folder = save_sae(sae, tmp_path / "sae", instance=0)
+    (folder / leftover_name(WEIGHTS_FILENAME)).write_bytes(b"\0" * 64)  # a killed atomic_write_bytes: replaced with the folder
+    stale = [sibling("sae"), sibling("sae", "old")]  # a killed save's new folder; the two-rename fallback's old one
+    for name in stale:
+        save_sae(sae, tmp_path / name, instance=1)
+    partial = tmp_path / sibling("sae")  # killed while writing
+    partial.mkdir()
+    (partial / WEIGHTS_FILENAME).write_bytes(b"\0" * 64)
+    foreign = tmp_path / sibling("sae")  # holds a file saelib does not write: kept, with that file only
+    save_sae(sae, foreign, instance=1)
+    (foreign / "keep.txt").write_text("x")
+    others = [sibling("other"), ".sae.not-a-uuid.saving", "notes.saving"]  # not leftovers of this folder
+    for name in others:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / CFG_FILENAME).write_text("{}")
+    save_sae(sae, folder, instance=2)
+    assert sorted(os.listdir(tmp_path)) == sorted(["sae", foreign.name] + others)
+    assert os.listdir(foreign) == ["keep.txt"]
+    assert sorted(os.listdir(folder)) == sorted(SAE_FILES)
+    assert_same_state(load_sae(folder), sae.instance(2))
+
+
+def test_old_folder_is_kept_while_the_target_is_missing(tmp_path):
+    """A two-rename save killed between its renames leaves the only copy of the old SAE aside."""
+    aside = save_sae(build_sae("relu"), tmp_path / sibling("sae", "old"))
+    assert remove_stale_temp_folders(tmp_path / "sae", SAE_FILES) == []
+    assert sorted(os.listdir(aside)) == sorted(SAE_FILES)
+    save_sae(build_sae("relu"), tmp_path / "sae")
+    assert sorted(os.listdir(tmp_path)) == ["sae"]  # removed once a save put an SAE at the target
+
+
+def test_cleanup_leaves_writes_in_progress_alone(tmp_path):
+    """A temporary file or folder whose writer is alive (it holds the lock) is not a leftover."""
     fcntl = pytest.importorskip("fcntl")
     folder = save_sae(build_sae("relu"), tmp_path / "sae", instance=0)
-    busy = folder / leftover_name(WEIGHTS_FILENAME)
-    with open(busy, "wb") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # as atomic_write_bytes holds it until the rename
-        save_sae(build_sae("relu"), folder, instance=1)
-        assert busy.exists()
-    assert saelib.core.persistence.remove_stale_temp_files(folder) == [busy]  # its writer is gone now
-    assert not busy.exists()
+    busy_file = tmp_path / leftover_name("results.json")
+    busy_folder = tmp_path / sibling("sae")
+    busy_folder.mkdir()
+    fd = os.open(busy_folder, os.O_RDONLY)
+    try:
+        with open(busy_file, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # as atomic_write_bytes holds it until the rename
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as atomic_write_folder holds its folder until the swap
+            save_sae(build_sae("relu"), folder, instance=1)
+            saelib.core.io.atomic_write_bytes(tmp_path / "results.json", b"{}")
+            assert busy_file.exists() and busy_folder.exists()
+    finally:
+        os.close(fd)
+    assert remove_stale_temp_files(tmp_path) == [busy_file]  # their writers are gone now
+    assert remove_stale_temp_folders(folder, SAE_FILES) == [busy_folder]
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "sae"]
 
 
 # ---------------------------------------------------------------------------- metadata and the trained-SAE cache
@@ -420,6 +581,53 @@ def test_load_or_train_refuses_several_instances(tmp_path, monkeypatch):
     monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="n_inst=3"):
         load_or_train(build_sae("relu"), torch.randn(10, D_IN), _train_cfg(), "a")
+
+
+def test_load_or_train_key_follows_the_callers_code_files(tmp_path, monkeypatch):
+    from saelib.core.persistence import load_or_train
+
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path / "cache"))
+    code = tmp_path / "data_fn.py"
+    code.write_text("SCALE = 1\n")
+    data = torch.randn(300, D_IN)
+    new = lambda: SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE))  # noqa: E731
+    _, a, _ = load_or_train(new(), data, _train_cfg(), "a", code_files=[code])
+    _, again, now = load_or_train(new(), data, _train_cfg(), "a", code_files=[str(code)])
+    assert again == a and not now
+    _, without, now = load_or_train(new(), data, _train_cfg(), "a")
+    assert without != a and now
+    code.write_text("SCALE = 2\n")  # the caller's code changed: train again
+    _, edited, now = load_or_train(new(), data, _train_cfg(), "a", code_files=[code])
+    assert edited not in (a, without) and now
+    with pytest.raises(FileNotFoundError, match="missing.py"):
+        load_or_train(new(), data, _train_cfg(), "a", code_files=[tmp_path / "missing.py"])
+
+
+def test_load_or_train_hashes_the_core_training_modules():
+    from saelib.core.persistence import _training_sources
+
+    core = Path(saelib.core.__file__).parent
+    sources = _training_sources()
+    assert all(p.parent == core for p in sources)  # nothing outside saelib.core
+    assert {"train.py", "train_parts.py", "sae.py", "penalties.py", "matryoshka.py", "distributed.py",
+            "metrics.py"} <= {p.name for p in sources}
+    assert "persistence.py" not in {p.name for p in sources}  # saving is not training
+
+
+def test_core_imports_nothing_from_the_other_subpackages():
+    core = Path(saelib.core.__file__).parent
+    for file in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("..") and not (
+                    name.startswith("saelib.") and not name.startswith("saelib.core")
+                ), f"{file.name} imports {name}"
 
 
 def test_save_instances_one_folder_per_instance(tmp_path):

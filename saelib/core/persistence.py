@@ -28,23 +28,25 @@ SAE with no threshold yet (never trained, NaN) or a negative one. ``sae_lens.SAE
 stops on such a folder with a bare KeyError on the architecture name; :func:`sae_lens_folder` checks a
 folder first and refuses these two with a message that says why.
 
-Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so
-a failed write never leaves a half-written file behind; a process killed mid-write can leave its
-hidden temporary file, which the next write into the same folder removes (see
-:func:`atomic_write_bytes`). The weights are written first and
-``cfg.json`` records their SHA-256 (``metadata.saelib_weights_sha256``), so if a save is
-interrupted between the two files :func:`load_sae` reports the mismatch instead of mixing two
-saves.
+A save replaces the folder in one step (:func:`saelib.core.io.atomic_write_folder`): the complete
+new folder is written and fsynced as a hidden sibling ``.<name>.<uuid4 hex>.saving`` in the same
+parent folder, then swapped with the old one by ``renameat2(RENAME_EXCHANGE)`` on Linux (two renames
+elsewhere). A process killed at any moment of a save leaves the old SAE or the new one loadable at
+the path, and the path stays a plain folder that SAELens opens. Leftover siblings of killed saves are
+never read, and the next save of the same folder removes them. A save refuses (FileExistsError) to
+replace a folder holding files other than ``cfg.json`` and ``sae_weights.safetensors``, so it never
+deletes files it did not write. ``cfg.json`` records the SHA-256 of the weights
+(``metadata.saelib_weights_sha256``), so :func:`load_sae` also catches a folder whose files were
+mixed or damaged by other means.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
 import os
-import re
-import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,138 +55,17 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from .io import atomic_write_bytes  # noqa: F401  (re-exported: notebook 07 imports it from here)
+from .io import atomic_write_folder, cache_dir, config_hash
 from .sae import SAE, SAEConfig, dtype_name
 
-__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "atomic_write_bytes", "remove_stale_temp_files", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"
 # SAELens release whose cfg.json layout this writes; loaders older than 6.0 treat a config
 # without a version as pre-6.0 and rewrite it, so the version must be present.
 SAELENS_FORMAT_VERSION = "6.54.12"
-
-
-try:  # advisory locks tell a live writer's temporary file from a dead one's (POSIX only)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
-
-# ``.<name>.<uuid4 hex>.tmp``: the temporary files atomic_write_bytes creates (the uuid4 version
-# and variant digits make the pattern specific to them)
-_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}\.tmp$")
-
-
-def _temp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-
-
-def _lock_new_temp_file(fd: int, tmp: Path) -> bool:
-    """Take the writer's lock on a just-created temporary file, held until it is renamed.
-
-    Returns False if a cleaner removed the file between its creation and the lock (it was not
-    locked yet, so it looked abandoned). On a file system without locks nothing is locked and
-    True is returned: cleaners cannot lock such files either, so they never remove them.
-    """
-    if fcntl is None:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError:
-        return True
-    try:
-        return os.stat(tmp).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
-
-
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Remove the temporary files that interrupted :func:`atomic_write_bytes` calls left in
-    ``folder`` (a process killed between creating and renaming its ``.<name>.<uuid>.tmp``).
-
-    Only names of that exact form are considered, and only files no live writer holds: every
-    writer keeps an exclusive ``flock`` on its temporary file until it is renamed, so a file whose
-    lock can be taken belongs to a writer that died (the kernel drops the lock with the process).
-    Writes in progress, in this or another process, are never disturbed. Without ``fcntl``
-    (Windows) nothing is removed. Returns the removed paths.
-    """
-    folder = Path(folder)
-    removed: list[Path] = []
-    if fcntl is None:
-        return removed
-    try:
-        names = sorted(os.listdir(folder))
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if not _TEMP_NAME.match(name):
-            continue
-        tmp = folder / name
-        try:
-            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError:  # gone (renamed by its writer), a link, or unreadable
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # a live writer holds it
-                continue
-            # still the same file under that name (not renamed away meanwhile)?
-            try:
-                same = os.stat(tmp, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                try:
-                    os.unlink(tmp)
-                except OSError:  # e.g. another user's file in a shared folder: leave it
-                    continue
-                removed.append(tmp)
-        finally:
-            os.close(fd)
-    return removed
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: the file is either the old one or the complete new
-    one, never a partial write.
-
-    Writes to a uniquely named ``.<name>.<uuid4 hex>.tmp`` file in the same folder (created if
-    missing), fsyncs it, then ``os.replace``-s it onto ``path``; on any failure the temporary file
-    is removed and the exception re-raised. A process killed mid-write cannot clean up, so every
-    call first removes such leftovers of earlier writes in the folder
-    (:func:`remove_stale_temp_files`; a write in progress holds a lock on its temporary file and
-    is left alone). File permissions follow the umask.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path.parent)
-    while True:
-        tmp = _temp_path(path)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            claimed = _lock_new_temp_file(fd, tmp)
-        except BaseException:
-            os.close(fd)
-            raise
-        if claimed:
-            break
-        os.close(fd)  # removed by a cleaner before the lock was taken: try a new name
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-            if fcntl is not None:  # rename while still holding the lock
-                os.replace(tmp, path)
-        if fcntl is None:  # Windows cannot rename an open file
-            os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
 
 
 # ---------------------------------------------------------------------------- saving
@@ -207,11 +88,15 @@ def save_sae(
     ``SAEConfig`` (with ``n_inst=1``, and the parameters' actual ``device`` and ``dtype``, also
     written as SAELens's top-level ``device`` / ``dtype``) is stored under the ``"saelib"`` key so
     :func:`load_sae` restores the instance exactly, including the BatchTopK threshold. The output is deterministic: saving the same SAE twice gives
-    byte-identical files. Returns the folder.
+    byte-identical files. A folder already at ``path`` is replaced in one step (see the module
+    docstring): a process killed during the save leaves the old SAE or the new one. Returns the
+    folder.
 
     Raises TypeError if ``sae`` is not a :class:`saelib.core.sae.SAE`, IndexError if ``instance`` is
     out of range, ValueError if a weight of the instance contains NaN/inf (the message names the
-    parameter; nothing is written). The BatchTopK threshold may be NaN (not trained yet).
+    parameter; nothing is written), FileExistsError if ``path`` is a file, a symbolic link, or a
+    folder holding files other than an SAE's two (nothing is written or removed). The BatchTopK
+    threshold may be NaN (not trained yet).
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"save_sae expects a saelib.core.sae.SAE, got {type(sae).__name__}")
@@ -279,11 +164,7 @@ def save_sae(
         text = json.dumps(cfg_json, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata / training must be JSON-serialisable without NaN: {e}") from e
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / WEIGHTS_FILENAME, weights)
-    atomic_write_bytes(folder / CFG_FILENAME, text.encode("utf-8"))
-    return folder
+    return atomic_write_folder(path, {WEIGHTS_FILENAME: weights, CFG_FILENAME: text.encode("utf-8")})
 
 
 def save_instances(
@@ -303,7 +184,8 @@ def save_instances(
     Returns the subfolders in the order of ``instances``. Raises IndexError for an instance out
     of range; ValueError if ``names`` does not give one distinct, non-empty name per saved
     instance or a name is not a plain folder name (no ``/``, not ``.`` or ``..``); plus every
-    error of :func:`save_sae` (instances saved before a failing one stay saved).
+    error of :func:`save_sae` (instances saved before a failing one stay saved). Each subfolder is
+    replaced in one step, as by :func:`save_sae`.
     """
     if not isinstance(sae, SAE):
         raise TypeError(f"save_instances expects a saelib.core.sae.SAE, got {type(sae).__name__}")
@@ -511,18 +393,31 @@ def sae_lens_folder(path: str | Path) -> str:
 
 
 # ---------------------------------------------------------------------------- trained-SAE cache
-_TRAINING_SOURCES = (  # paths under saelib/
-    "core/sae.py", "core/train.py", "core/train_parts.py", "core/penalties.py", "core/matryoshka.py",
-    "experiments/matryoshka_probes.py", "core/distributed.py", "core/metrics.py",
-)
+def _training_sources() -> list[Path]:
+    """``saelib/core/train.py`` and every ``saelib.core`` module it imports, directly or through
+    another (read from their relative ``from .x import`` lines), sorted by name."""
+    core = Path(__file__).parent
+    todo, seen = ["train"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        file = core / f"{name}.py"
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"), str(file))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                todo.extend([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+    return [core / f"{name}.py" for name in sorted(seen)]
 
 
-def _training_code_fingerprint() -> str:
-    """SHA-256 of the source of the modules that define training (a code change retrains)."""
+def _code_fingerprint(code_files: Sequence[str | Path]) -> str:
+    """SHA-256 (16 hex characters) of the training modules' source and of ``code_files``."""
     h = hashlib.sha256()
-    here = Path(__file__).parents[1]  # saelib/
-    for name in _TRAINING_SOURCES:
-        h.update((here / name).read_bytes())
+    for file in _training_sources() + [Path(f) for f in code_files]:
+        if not file.is_file():
+            raise FileNotFoundError(f"source file {file} (to be hashed into the cache key) not found")
+        h.update(file.name.encode() + b"\0")
+        h.update(file.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -533,31 +428,34 @@ def load_or_train(
     data_key: str,
     metadata: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    code_files: Sequence[str | Path] = (),
 ) -> tuple[SAE, Path, bool]:
     """Train ``sae`` (one instance) with :func:`saelib.core.train.train_sae` and save it under the
     cache, or load the SAE an identical earlier call saved.
 
-    The cache folder is ``<cache_dir>/sae-<key>`` (:func:`saelib.data.corpus.cache_dir`), ``key``
+    The cache folder is ``<cache_dir>/sae-<key>`` (:func:`saelib.core.io.cache_dir`), ``key``
     hashing ``sae.cfg`` (its seed fixes the initial weights), the ``TrainConfig``, ``data_key``
     (the caller's name for the data: e.g. the :class:`saelib.lm.activations.ActivationStore` folder,
-    hook and input scale), the source of the training modules, torch's version and thread count.
-    Saved with :func:`save_sae` (SAELens layout, atomic writes; ``metadata`` and ``training`` go
-    into ``cfg.json``), so ``sae_lens.SAE.load_from_disk(folder)`` opens it too.
+    hook and input scale), the source of ``saelib.core.train`` and of the ``saelib.core`` modules it
+    imports, the source of ``code_files`` (the caller's other files that decide what is trained,
+    e.g. the module defining a data function; none by default), torch's version and thread count:
+    editing any of those files trains again. Saved with :func:`save_sae` (SAELens layout, replaced
+    in one step; ``metadata`` and ``training`` go into ``cfg.json``), so
+    ``sae_lens.SAE.load_from_disk(folder)`` opens it too.
 
     Returns ``(sae, folder, trained_now)``: the trained (or loaded) SAE, in eval mode.
 
-    Raises ValueError if ``sae`` has more than one instance, and whatever ``train_sae`` /
-    :func:`load_sae` raise.
+    Raises ValueError if ``sae`` has more than one instance, FileNotFoundError if a file of
+    ``code_files`` is missing, and whatever ``train_sae`` / :func:`load_sae` raise.
     """
     from dataclasses import asdict
 
-    from ..data.corpus import cache_dir, config_hash
     from .train import train_sae
 
     if sae.n_inst != 1:
         raise ValueError(f"load_or_train saves one SAE; got n_inst={sae.n_inst}")
     cfg_dict = json.loads(json.dumps(asdict(cfg), default=repr))
-    key = config_hash("sae-v1", sae.cfg.to_dict(), cfg_dict, data_key, _training_code_fingerprint(),
+    key = config_hash("sae-v1", sae.cfg.to_dict(), cfg_dict, data_key, _code_fingerprint(code_files),
                       torch.__version__, torch.get_num_threads())
     folder = cache_dir() / f"sae-{key}"
     if (folder / CFG_FILENAME).is_file():
@@ -566,3 +464,35 @@ def load_or_train(
     save_sae(sae.eval(), folder, metadata=metadata,
              training={"train_config": cfg_dict, "data_key": data_key, **(training or {})})
     return sae, folder, True
+
+
+def check_reload(folder: str | Path, sae: SAE, instance: int, x: Tensor) -> Any:
+    """Check that the SAE saved in ``folder`` (by :func:`save_sae` or :func:`save_instances`)
+    loads back and encodes as instance ``instance`` of the trained ``sae`` does, both with
+    :func:`load_sae` and in SAELens (``sae_lens.SAE.load_from_disk`` after :func:`sae_lens_folder`).
+
+    ``x`` is ``[batch, d_in]``, in the units ``sae`` was trained in; the latent activations
+    ``[batch, d_sae]`` are compared with ``torch.testing.assert_close``'s default tolerances, with
+    ``sae`` in eval mode (its mode is restored). Returns the SAELens SAE (e.g. to name its class).
+
+    Raises AssertionError naming the loader whose encoding differs; IndexError for an instance
+    outside ``[0, sae.n_inst)``; ImportError without SAELens (the ``notebooks`` extra); what
+    :func:`load_sae` and :func:`sae_lens_folder` raise for a folder they cannot read.
+    """
+    import sae_lens
+
+    if not 0 <= instance < sae.n_inst:
+        raise IndexError(f"instance {instance} out of range for n_inst={sae.n_inst}")
+    was_training = sae.training
+    sae.eval()
+    try:
+        with torch.no_grad():
+            trained = sae.encode(x)[:, instance]  # [batch, d_sae]
+            reloaded = load_sae(folder).encode(x)[:, 0]
+            torch.testing.assert_close(reloaded, trained, msg=lambda m: f"load_sae({str(folder)!r}) encodes differently: {m}")
+            lens_sae = sae_lens.SAE.load_from_disk(sae_lens_folder(folder))
+            torch.testing.assert_close(lens_sae.encode(x), trained,
+                                       msg=lambda m: f"SAELens's SAE from {str(folder)!r} encodes differently: {m}")
+    finally:
+        sae.train(was_training)
+    return lens_sae

@@ -17,9 +17,10 @@ document, BOS then the document's first ``n_ctx - 1`` tokens, right-padded; no d
 rows and no row holds two documents, so a token's position is its position in its document
 (position 0 is BOS, position 1 the document's first token).
 
-Caches live under :func:`cache_dir` (``$SAELIB_CACHE_DIR`` or ``~/.cache/saelib``), are named by a
-hash of everything that determines their content, and are written atomically (temporary file,
-then ``os.replace``, :func:`saelib.core.persistence.atomic_write_bytes`).
+Caches live under :func:`saelib.core.io.cache_dir` (``$SAELIB_CACHE_DIR`` or ``~/.cache/saelib``),
+are named by a hash of everything that determines their content (:func:`saelib.core.io.config_hash`),
+and are written atomically (temporary file, then ``os.replace``,
+:func:`saelib.core.io.atomic_write_bytes`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,7 +39,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ..core.persistence import atomic_write_bytes
+from ..core.io import atomic_write_bytes, cache_dir, config_hash  # notebooks 01-06 import cache_dir from here
 
 __all__ = [
     "EOT_TOKEN",
@@ -47,8 +47,6 @@ __all__ = [
     "CorpusConfig",
     "CorpusSplit",
     "TextCorpus",
-    "cache_dir",
-    "config_hash",
     "wiki_leads_path",
     "load_wiki_leads",
     "split_documents",
@@ -69,21 +67,6 @@ WIKI_ATTRIBUTION = (
     "(https://creativecommons.org/licenses/by-sa/4.0/); it is used unmodified apart from "
     "tokenization, and is not redistributed by this repository."
 )
-
-
-# ---------------------------------------------------------------------------------------- cache
-def cache_dir() -> Path:
-    """The cache folder: ``$SAELIB_CACHE_DIR`` if set, else ``~/.cache/saelib`` (created)."""
-    env = os.environ.get("SAELIB_CACHE_DIR")
-    path = Path(env).expanduser() if env else Path.home() / ".cache" / "saelib"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def config_hash(*parts: Any, length: int = 16) -> str:
-    """Hex digest (``length`` characters) of JSON-serialisable parts, keys sorted."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
 
 
 # ---------------------------------------------------------------------------------------- text
@@ -398,7 +381,7 @@ def load_corpus(cfg: CorpusConfig | None = None, use_cache: bool = True) -> Text
     tokenize both parts (or load the cached tensors).
 
     Cache files: ``tokenizer-<key>.json`` and ``tokens-<key>.safetensors`` under
-    :func:`cache_dir`, where ``key`` hashes the config and the split's fingerprint.
+    :func:`saelib.core.io.cache_dir`, where ``key`` hashes the config and the split's fingerprint.
     """
     cfg = cfg or CorpusConfig()
     split = split_documents(load_wiki_leads(), cfg.heldout_frac, cfg.split_seed)

@@ -30,7 +30,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from ..core.metrics import cosine_matrix, decoder_cosines, encoder_cosines, hungarian_order
-from ..core.persistence import atomic_write_bytes
+from ..core.io import atomic_write_bytes
 
 __all__ = ["cosine_heatmap", "sae_feature_heatmaps", "hedging_sweep_figure", "save_figure", "figures_root", "FIGURE_DPI"]
 

@@ -12,7 +12,7 @@ Every valid position is kept, BOS included, in document order: token ``t`` of th
 to document ``doc[t]`` at position ``pos[t]`` (0 = BOS). The activations of each hook are one
 ``[n_tokens, d]`` array.
 
-**Cache.** ``<cache_dir>/acts-<key>/`` (:func:`saelib.data.corpus.cache_dir`, i.e.
+**Cache.** ``<cache_dir>/acts-<key>/`` (:func:`saelib.core.io.cache_dir`, i.e.
 ``$SAELIB_CACHE_DIR``), ``key`` hashing the model's name and weights (SHA-256 of every
 parameter), the hooks, the token set's fingerprint and the storage dtype, so a changed model,
 hook, document set or dtype is harvested again. The folder holds ``meta.json``, ``tokens.npy``,
@@ -43,9 +43,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..data.corpus import DocumentTokens, cache_dir, config_hash
+from ..data.corpus import DocumentTokens
+from ..core.io import atomic_write_bytes, cache_dir, config_hash
 from ..core.normalisation import scale_from_mean_sq_norm
-from ..core.persistence import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .models import LanguageModel

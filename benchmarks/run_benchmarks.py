@@ -323,7 +323,7 @@ def worker_every_prefix(spec: dict) -> dict:
         if method.startswith("train_sae"):
             return train_run(spec.get("steps", 3))
         t0 = time.perf_counter()
-        xi = sae._as_instances(x)
+        xi = sae.expand_instances(x)
         x_hat, acts = sae(x)
         if method == "vanilla (MSE)":
             loss = (xi - x_hat).pow(2).sum(-1).mean(0)

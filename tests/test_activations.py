@@ -123,6 +123,24 @@ def test_harvest_stops_after_the_deepest_hook_and_reads_the_cache(tokenizer, cac
     assert model_fingerprint(other.model) != model_fingerprint(lm.model)
 
 
+def test_harvest_of_hooks_in_two_blocks_stops_after_the_deeper_one(tokenizer, cache):
+    lm = tiny_lm(tokenizer)  # 3 blocks
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    hooks = [utils.get_act_name("resid_mid", 0), utils.get_act_name("mlp_out", 1)]
+    calls = []
+    lm.model.blocks[2].hook_resid_pre.add_hook(lambda act, hook: calls.append(1))  # block 2 must never run
+    store = harvest_activations(lm, docs, hooks, tokens_per_batch=8, progress=False)
+    lm.model.reset_hooks()
+    assert calls == [] and store.meta["stop_at_layer"] == 2
+    for i in range(len(docs)):
+        _, cache_i = lm.model.run_with_cache(docs.tokens[i : i + 1, : int(docs.lengths[i])])
+        for h in hooks:
+            assert store[h].shape == (docs.n_tokens, 8)
+            assert torch.allclose(store[h][store.doc == i], cache_i[h][0], atol=1e-5), (i, h)
+    # the training rows leave out each document's BOS (position 0), and only it
+    assert len(store.rows()) == docs.n_tokens - len(docs) and len(store.rows(skip_bos=False)) == docs.n_tokens
+
+
 def test_interrupted_harvest_leaves_no_finished_folder(tokenizer, cache, monkeypatch):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)

@@ -36,7 +36,7 @@ def build_sae(architecture, n_inst=3, d_in=6, d_sae=16, k=None, dtype=torch.floa
 
 def loss_and_grads(sae, x, weights, loss_fn):
     sae.zero_grad(set_to_none=True)
-    xi = sae._as_instances(x)
+    xi = sae.expand_instances(x)
     _, acts = sae(x)
     loss = loss_fn(xi, acts, sae.W_dec, sae.b_dec, weights)
     loss.sum().backward()
@@ -160,7 +160,7 @@ def test_auto_routes_large_sparse_problems_to_the_sparse_path(monkeypatch):
     monkeypatch.setattr(matryoshka, "_DENSE_PREFIX_LIMIT", 0)  # as if d_sae were large
     sae = build_sae("topk", n_inst=2, d_in=5, d_sae=24, k=3)
     x = torch.randn(9, 5, dtype=torch.float64)
-    xi = sae._as_instances(x)
+    xi = sae.expand_instances(x)
     _, acts = sae(x)
     for mode, routed in (("every", True), ("random", False)):  # 24 prefixes > L0 3 > 2 prefixes
         cfg = MatryoshkaConfig(mode=mode, n_prefixes=2)
@@ -179,7 +179,7 @@ def test_auto_keeps_the_dense_path_when_d_sae_is_at_most_d_in(monkeypatch):
     for d_sae, dense in ((6, True), (7, False)):
         sae = build_sae("topk", n_inst=2, d_in=6, d_sae=d_sae, k=2)
         x = torch.randn(9, 6, dtype=torch.float64)
-        xi = sae._as_instances(x)
+        xi = sae.expand_instances(x)
         _, acts = sae(x)
         weights = prefix_weights(MatryoshkaConfig(mode="every"), d_sae, 2).double()
         calls.clear()

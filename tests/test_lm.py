@@ -1,6 +1,6 @@
 """Tests for saelib.lm.models: default-model training and caching (on a tiny config), losses against
-hand computations, activation collection with early stopping, and the SmolLM2 conversion
-(logits against transformers' own model; loss recovered for one layer)."""
+hand computations, the layer a hook needs, and the SmolLM2 conversion (logits against
+transformers' own model; loss recovered for one layer)."""
 
 import math
 import re
@@ -14,8 +14,6 @@ from saelib.lm import models as lm_mod
 from saelib.data.corpus import CorpusConfig, TextCorpus, load_wiki_leads, split_documents, tokenize_to_sequences, train_bpe_tokenizer
 from saelib.lm.models import (
     DefaultModelConfig,
-    collect_activations,
-    flatten_tokens,
     hook_layer,
     load_default_model,
     mean_next_token_loss,
@@ -162,29 +160,6 @@ def test_hook_layer():
     assert hook_layer("ln_final.hook_normalized") is None
 
 
-def test_collect_activations_matches_cache_and_stops_early():
-    model = HookedTransformer(tiny_cfg(n_layers=3).hooked_config()).eval()
-    tokens = torch.randint(0, 300, (5, 16), generator=torch.Generator().manual_seed(0))
-    names = [utils.get_act_name("resid_mid", 0), utils.get_act_name("mlp_out", 1)]
-    _, cache = model.run_with_cache(tokens)
-    calls = []
-    model.blocks[2].hook_resid_pre.add_hook(lambda act, hook: calls.append(1))  # must never run
-    acts = collect_activations(model, tokens, names, batch_size=2, progress=False)
-    model.reset_hooks()
-    assert calls == []
-    for name in names:
-        assert acts[name].shape == (5, 16, 16)
-        assert torch.allclose(acts[name], cache[name], atol=1e-6)
-    with pytest.raises(ValueError, match="not in the model"):
-        collect_activations(model, tokens, ["blocks.9.hook_mlp_out"])
-
-
-def test_flatten_tokens_drops_bos():
-    acts = torch.arange(2 * 3 * 2.0).view(2, 3, 2)
-    assert flatten_tokens(acts).tolist() == [[2, 3], [4, 5], [8, 9], [10, 11]]
-    assert flatten_tokens(acts, drop_bos=False).shape == (6, 2)
-
-
 def test_model_token_sets_default_rows_come_from_the_corpus(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     lm = load_default_model(tiny_cfg(steps=2), tiny_corpus, progress=False)
@@ -246,21 +221,18 @@ def test_smollm2_second_load_reads_the_converted_cache(smollm2, monkeypatch):
         assert torch.equal(again.model(ids), lm.model(ids))
 
 
-def test_smollm2_loss_recovered_one_layer(smollm2):
-    from saelib.core.transcoder import mlp_hook_names
-    from saelib.experiments.sparse_mlp import SparseMLPConfig, spliced_losses, train_sparse_mlps
+def test_smollm2_loss_recovered_one_layer(smollm2, tmp_path, monkeypatch):
+    from saelib.data.corpus import tokenize_documents
+    from saelib.experiments.sparse_mlp import SparseMLPConfig, sparse_mlp_sweep
 
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))  # the harvest's cache
     lm, _ = smollm2
     split = split_documents(load_wiki_leads())
-    train = tokenize_to_sequences(split.train_texts[:300], lm.tokenizer, 64, lm.bos_id, max_seqs=48)
-    held = tokenize_to_sequences(split.heldout_texts[:50], lm.tokenizer, 64, lm.bos_id, max_seqs=4)
+    train = tokenize_documents(split.train_texts[:48], lm.tokenizer, lm.bos_id, 64)
+    held = tokenize_documents(split.heldout_texts[:4], lm.tokenizer, lm.bos_id, 64)
     layer = 0  # zero-ablating SmolLM2's first MLP is catastrophic (FACTS.md: loss 13.2)
-    in_hook, out_hook = mlp_hook_names(lm.model, layer)
-    acts = collect_activations(lm.model, train, [in_hook, out_hook], batch_size=8, progress=False)
-    x, y = flatten_tokens(acts[in_hook]), flatten_tokens(acts[out_hook])
     cfg = SparseMLPConfig(S_values=(-4.0,), d_sae=576, steps=150, batch_size=256, lr=2e-3, progress=False)
-    sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=(in_hook, out_hook))
-    res = spliced_losses(lm.model, held, sm, y.mean(0), tokens_per_batch=256, progress=False)
+    res = sparse_mlp_sweep(lm, train, held, cfg, layers=[layer], tokens_per_batch=256).results[layer]
     assert 1.0 < res.loss_orig < 5.0  # a real language model on English text
     assert res.loss_orig < res.loss_sparse[0] < res.loss_zero
     assert res.loss_zero > res.loss_orig + 3.0

@@ -10,6 +10,7 @@ import torch
 
 from saelib.core.metrics import (
     best_match_stats,
+    check_finite,
     cosine_matrix,
     dead_latents,
     decoder_cosines,
@@ -18,9 +19,11 @@ from saelib.core.metrics import (
     fvu,
     hungarian_match,
     hungarian_order,
+    instance_indices,
     l0,
     mcc,
     recovered_features,
+    unit_rows,
 )
 
 S = 1 / math.sqrt(2)
@@ -35,6 +38,34 @@ def brute_force_best(abs_cos: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------- cosines
+def test_unit_rows_by_hand_keeps_zero_rows_and_batch_dims():
+    t = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[0.0, -2.0], [1.0, 1.0]]])  # [2, 2, 2]
+    out = unit_rows(t)
+    assert out.shape == t.shape and out.dtype == t.dtype
+    assert out[0, 0].tolist() == pytest.approx([0.6, 0.8], abs=1e-7) and out[0, 1].tolist() == [0.0, 0.0]
+    assert out[1, 0].tolist() == [0.0, -1.0]
+    assert out[1, 1].tolist() == pytest.approx([S, S], abs=1e-7)
+
+
+def test_check_finite_names_the_tensor():
+    check_finite("ok", torch.zeros(3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match="^W_dec contains NaN or inf values$"):
+            check_finite("W_dec", torch.tensor([0.0, bad]))
+
+
+def test_instance_indices_all_one_or_listed_in_order():
+    assert instance_indices(3, None) == [0, 1, 2]
+    assert instance_indices(3, 2) == [2]
+    assert instance_indices(3, [2, 0]) == [2, 0]
+    assert instance_indices(3, range(1, 3)) == [1, 2]
+    with pytest.raises(ValueError, match="instances is empty"):
+        instance_indices(3, [])
+    for bad in (3, -1, [0, 5], [1.0]):
+        with pytest.raises(ValueError, match=r"instance index .* out of range for n_inst=3"):
+            instance_indices(3, bad)
+
+
 def test_cosine_matrix_hand_values_and_zero_rows():
     a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [-2.0, 0.0]])
     b = torch.tensor([[0.0, 2.0], [3.0, 0.0], [0.0, 0.0]])

@@ -116,6 +116,20 @@ def test_transcoder_shapes():
     torch.testing.assert_close(sae.decoder_norms(), torch.full((3, 7), 0.1))
 
 
+def test_expand_instances_shares_a_2d_input_and_passes_a_3d_one():
+    sae = SAE(build_sae_cfg(d_out=2, apply_b_dec_to_input=False))
+    x2 = torch.arange(8.0).view(4, 2)  # [batch, d_out]: the target of a transcoder
+    out = sae.expand_instances(x2, d=2)
+    assert out.shape == (4, 3, 2) and all(torch.equal(out[:, i], x2) for i in range(3))
+    assert out.data_ptr() == x2.data_ptr()  # a view, no copy
+    x3 = torch.randn(4, 3, 5)
+    assert sae.expand_instances(x3) is x3
+    with pytest.raises(ValueError, match="last dimension 5 != expected 2"):
+        sae.expand_instances(x3, d=2)
+    with pytest.raises(ValueError, match=r"n_inst=3.*\(4, 2, 5\)"):
+        sae.expand_instances(torch.randn(4, 2, 5))
+
+
 @pytest.mark.parametrize("shape", [(4, 6), (4, 2, 5), (4, 3, 6), (5,), (2, 4, 3, 5)])
 def test_wrong_input_shapes_raise(shape):
     sae = SAE(build_sae_cfg())

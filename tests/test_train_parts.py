@@ -30,7 +30,7 @@ def batch(n=8, d=5, seed=0):
 def test_step_loss_is_mse_plus_coefficient_times_l1_by_hand():
     sae = build_sae()
     x_in = batch()
-    x = sae._as_instances(x_in)
+    x = sae.expand_instances(x_in)
     coeff = torch.tensor([0.5, 2.0])
     loss, x_hat, acts = step_loss(sae, x_in, x, coeff, SparsityPenalty(["l1", "l1"], [0.05, 0.05]))
     mse = (x - x_hat).pow(2).sum(-1).mean(0)
@@ -43,7 +43,7 @@ def test_step_loss_is_mse_plus_coefficient_times_l1_by_hand():
 def test_step_loss_matryoshka_uses_the_loss_and_prefix_weighted_penalty():
     sae = build_sae()
     x_in = batch(seed=1)
-    x = sae._as_instances(x_in)
+    x = sae.expand_instances(x_in)
     plan = PerInstanceMatryoshka.build(
         [MatryoshkaConfig(mode="fixed", prefixes=(2,)), MatryoshkaConfig(mode="every", weight_sparsity_by_prefix=False,
                                                                          inner_grad_scale=0.5)], 2)
@@ -91,7 +91,7 @@ def test_resampler_points_dead_latents_at_inputs_when_due_only():
     r = DeadLatentResampler(every=2, until_step=3, generators=torch.Generator().manual_seed(0),
                             n_inst=2, d_sae=6, device="cpu")
     x_in = batch(seed=3)
-    x = sae._as_instances(x_in)
+    x = sae.expand_instances(x_in)
     acts = torch.zeros(8, 2, 6)
     acts[:, :, :4] = 1.0  # latents 4 and 5 never fire
     before = sae.W_enc.detach().clone()
@@ -107,6 +107,30 @@ def test_resampler_points_dead_latents_at_inputs_when_due_only():
     assert torch.isclose(rows @ v, torch.tensor(1.0), atol=1e-5).any()
     assert not r.fired.any()  # the window restarts
     assert not r(3, sae, opt, acts, x_in, x, torch.zeros_like(x))  # past until_step
+
+
+def test_resampler_zeroes_the_adam_moments_of_resampled_latents_only():
+    sae = build_sae(architecture="relu")
+    opt = torch.optim.Adam(sae.parameters())
+    x_in = batch(seed=3)
+    x_hat, _ = sae(x_in)
+    x_hat.pow(2).sum().backward()
+    opt.step()  # every parameter now has non-zero moments
+    moments = {(name, key): opt.state[getattr(sae, name)][key].clone()
+               for name in ("W_enc", "b_enc", "W_dec") for key in ("exp_avg", "exp_avg_sq")}
+    r = DeadLatentResampler(every=1, until_step=5, generators=torch.Generator().manual_seed(0),
+                            n_inst=2, d_sae=6, device="cpu")
+    acts = torch.zeros(8, 2, 6)
+    acts[:, 0, :4] = 1.0  # instance 0: latents 4 and 5 never fire
+    acts[:, 1, :] = 1.0  # instance 1: every latent fires
+    x = sae.expand_instances(x_in)
+    assert r(0, sae, opt, acts, x_in, x, torch.zeros_like(x))
+    for (name, key), old in moments.items():
+        new = opt.state[getattr(sae, name)][key]
+        dead, old_dead = (m[0, :, 4:] if name == "W_enc" else m[0, 4:] for m in (new, old))
+        kept_0, old_0 = (m[0, :, :4] if name == "W_enc" else m[0, :4] for m in (new, old))
+        assert (old_dead != 0).all() and (dead == 0).all(), (name, key)
+        assert torch.equal(kept_0, old_0) and torch.equal(new[1], old[1]), (name, key)
 
 
 # ---------------------------------------------------------------------------- permutation

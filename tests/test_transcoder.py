@@ -26,6 +26,7 @@ from saelib.experiments.sparse_mlp import (
     max_neuron_cosines,
     neuron_cosines,
     penalty_coefficients,
+    sparse_mlp_train_config,
     spliced_losses,
     train_sparse_mlps,
 )
@@ -262,3 +263,30 @@ def test_train_sparse_mlps_learns_a_relu_mlp_and_penalty_orders_l0():
         train_sparse_mlps(x, y[:10], cfg)
     with pytest.raises(ValueError, match="finite"):
         SparseMLPConfig(S_values=(math.inf,))
+
+
+def test_sparse_mlp_config_passes_train_config_fields_through():
+    from saelib.core.train import TrainConfig
+
+    # the notebook's keywords: TrainConfig fields next to the sweep's own
+    cfg = SparseMLPConfig(S_values=(-1, 3), d_sae=8, steps=40, batch_size=64, seed=3, lr=1e-3, progress=False)
+    assert cfg.S_values == (-1.0, 3.0) and cfg.d_sae == 8 and (cfg.device, cfg.dtype) == ("cpu", "float32")
+    got = sparse_mlp_train_config(cfg, d_model_out=6)
+    # the training settings written out by hand: the sweep's schedule, the keywords, the penalty
+    # set from S (6 * 2**S / 8), a logged row every 40 // 20 = 2 steps, TrainConfig's defaults elsewhere
+    want = TrainConfig(steps=40, batch_size=64, lr=1e-3, betas=(0.9, 0.999), warmup_steps=50, decay_frac=0.3,
+                       l1_coeff=[6 * 0.5 / 8, 6 * 8.0 / 8], l1_warmup_frac=0.1, penalty="l1",
+                       scale_penalty_by_decoder_norm=True, log_every=2, seed=3, progress=False)
+    assert got == want
+    # any TrainConfig field passes through, without SparseMLPConfig naming it
+    assert SparseMLPConfig(grad_clip=None, end_lr_factor=0.5).train.grad_clip is None
+    assert SparseMLPConfig(train=TrainConfig(steps=7), seed=2).train == TrainConfig(steps=7, seed=2)
+    assert SparseMLPConfig().train.steps == 1500 and SparseMLPConfig(steps=9).train.steps == 9
+    with pytest.raises(ValueError, match=r"\['l1_coeff'\] are set by train_sparse_mlps"):
+        SparseMLPConfig(l1_coeff=1.0)
+    with pytest.raises(TypeError, match="no_such_field"):
+        SparseMLPConfig(no_such_field=1)
+    with pytest.raises(ValueError, match="TrainConfig.steps"):
+        SparseMLPConfig(steps=0)
+    with pytest.raises(ValueError, match="must not be empty"):
+        SparseMLPConfig(S_values=())

@@ -29,7 +29,7 @@ cosine; MCC is the mean absolute cosine of that matching, as SAELens defines it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 __all__ = [
+    "unit_rows",
+    "check_finite",
+    "instance_indices",
     "cosine_matrix",
     "decoder_cosines",
     "encoder_cosines",
@@ -64,10 +67,34 @@ def _check_matrix(name: str, t: Tensor, hint: str = "") -> None:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}{hint}")
 
 
-def _unit_rows(t: Tensor) -> Tensor:
-    """Rows scaled to unit norm; all-zero rows stay zero (so their cosines are 0, not NaN)."""
-    norms = t.norm(dim=-1, keepdim=True)  # [n, 1]
+def unit_rows(t: Float[Tensor, "*rows d"]) -> Float[Tensor, "*rows d"]:
+    """``t`` with every row (last dimension) scaled to unit Euclidean norm; an all-zero row stays
+    zero (so its cosines are 0, not NaN). Same shape and dtype as ``t``."""
+    norms = t.norm(dim=-1, keepdim=True)  # [*rows, 1]
     return t / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def check_finite(name: str, t: Tensor) -> None:
+    """Raise ValueError (naming ``name``) if ``t`` holds a NaN or an infinity."""
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+
+
+def instance_indices(n_inst: int, instances: int | Sequence[int] | None) -> list[int]:
+    """The instances of an ``n_inst``-instance SAE that a per-instance score covers: all of them
+    (``None``), one (an int) or the listed ones, in the order given.
+
+    Raises ValueError for an empty list or an index that is not an int in ``[0, n_inst)``.
+    """
+    if instances is None:
+        return list(range(n_inst))
+    out = [instances] if isinstance(instances, int) else list(instances)
+    if not out:
+        raise ValueError("instances is empty: pass None (all), an int or a non-empty list")
+    for i in out:
+        if not isinstance(i, int) or not (0 <= i < n_inst):
+            raise ValueError(f"instance index {i!r} out of range for n_inst={n_inst}")
+    return out
 
 
 def cosine_matrix(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"]) -> Float[Tensor, "n m"]:
@@ -89,8 +116,8 @@ def cosine_matrix(a: Float[Tensor, "n d"], b: Float[Tensor, "m d"]) -> Float[Ten
     dtype = torch.promote_types(a.dtype, b.dtype)
     if not dtype.is_floating_point:
         dtype = torch.get_default_dtype()
-    a_u = _unit_rows(a.to(dtype))  # [n, d]
-    b_u = _unit_rows(b.to(dtype))  # [m, d]
+    a_u = unit_rows(a.to(dtype))  # [n, d]
+    b_u = unit_rows(b.to(dtype))  # [m, d]
     return (a_u @ b_u.T).clamp(-1.0, 1.0)  # [n, m]
 
 

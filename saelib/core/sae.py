@@ -230,7 +230,13 @@ class SAE(nn.Module):
         assert self.cfg.d_out is not None
         return self.cfg.d_out
 
-    def _as_instances(self, x: Tensor, d: int | None = None) -> Float[Tensor, "batch inst d"]:
+    def expand_instances(self, x: Tensor, d: int | None = None) -> Float[Tensor, "batch inst d"]:
+        """``x`` as one input per instance, ``[batch, inst, d]``: a ``[batch, d]`` input is shared by
+        every instance (an expanded view, no copy); a ``[batch, n_inst, d]`` input is returned as is.
+        ``d`` defaults to ``d_in`` (pass ``d_out`` for a transcoder's targets).
+
+        Raises ValueError if the last dimension is not ``d`` or the shape is neither of the two.
+        """
         d = self.d_in if d is None else d
         if x.shape[-1] != d:
             raise ValueError(f"last dimension {x.shape[-1]} != expected {d}")
@@ -249,7 +255,7 @@ class SAE(nn.Module):
         # one batched matmul over instances on an [inst, batch, .] layout; the result is a
         # transposed view [batch, inst, d_sae] (no permute copies in forward or backward). The bias
         # is added separately: baddbmm's fused add rounds differently for some shapes (d_sae = 1)
-        x = self._as_instances(x).transpose(0, 1)  # [inst, batch, d_in]
+        x = self.expand_instances(x).transpose(0, 1)  # [inst, batch, d_in]
         if self.cfg.apply_b_dec_to_input:
             if (
                 torch.is_grad_enabled()

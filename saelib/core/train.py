@@ -729,7 +729,7 @@ def train_sae(
 
     for step in tqdm(range(cfg.steps), disable=not (cfg.progress and writes), desc="train SAE", mininterval=1.0):
         x_in, x_raw, data_ok = _next_batch(sample, streams, cfg, sae, check_batches, step)
-        x = sae._as_instances(x_raw, sae.d_out)  # reconstruction target [batch, inst, d_out]
+        x = sae.expand_instances(x_raw, sae.d_out)  # reconstruction target [batch, inst, d_out]
         weights = None
         if mplan is not None:  # this step's prefix weights, drawn on the CPU
             draw = mplan.independent_weights if cfg.independent_instances else mplan.weights

@@ -16,7 +16,7 @@ Every tensor is made on the SAE's device in its dtype; random draws come from CP
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -172,6 +172,19 @@ class SparsityController:
             self.coeff = torch.where(l0 < self.target, self.coeff * (1 - self.eps), self.coeff * (1 + self.eps))
 
 
+# ---------------------------------------------------------------------------- Adam moments
+def _latent_adam_moments(sae: SAE, opt: torch.optim.Optimizer) -> Iterator[tuple[Tensor, int]]:
+    """Every Adam moment (``exp_avg``, ``exp_avg_sq``) that ``opt`` holds for the per-latent
+    parameters ``W_enc`` ``[inst, d_in, d_sae]``, ``b_enc`` ``[inst, d_sae]`` and ``W_dec``
+    ``[inst, d_sae, d_out]``, with the dimension that indexes latents (2, 1, 1); a parameter
+    without a step yet has none. Edit them in place to move or reset latents' moments."""
+    for p, latent_dim in ((sae.W_enc, 2), (sae.b_enc, 1), (sae.W_dec, 1)):
+        state = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                yield state[key], latent_dim
+
+
 # ---------------------------------------------------------------------------- dead latents
 @torch.no_grad()
 def _resample_dead(
@@ -192,7 +205,7 @@ def _resample_dead(
     inst_idx, lat_idx = dead.nonzero(as_tuple=True)
     if len(inst_idx) == 0:
         return
-    x_in = sae._as_instances(x_in)  # [batch, inst, d_in]
+    x_in = sae.expand_instances(x_in)  # [batch, inst, d_in]
     probs = (err.T[inst_idx] + 1e-12).cpu()  # [n_dead, batch]
     if isinstance(g, torch.Generator):
         rows = torch.multinomial(probs, 1, generator=g)[:, 0]
@@ -211,10 +224,9 @@ def _resample_dead(
     sae.b_enc[inst_idx, lat_idx] = 0.0
     if sae.d_out == sae.d_in:
         sae.W_dec[inst_idx, lat_idx] = v * sae.cfg.dec_init_norm
-    for p, index in ((sae.W_enc, (inst_idx, slice(None), lat_idx)), (sae.b_enc, (inst_idx, lat_idx)), (sae.W_dec, (inst_idx, lat_idx))):
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in opt.state.get(p, {}):
-                opt.state[p][key][index] = 0.0
+    for moment, latent_dim in _latent_adam_moments(sae, opt):
+        index = (inst_idx, slice(None), lat_idx) if latent_dim == 2 else (inst_idx, lat_idx)
+        moment[index] = 0.0
 
 
 class DeadLatentResampler:
@@ -277,16 +289,10 @@ class DeadLatentResampler:
 def _permute_with_optimizer(sae: SAE, opt: torch.optim.Optimizer, perm: Tensor) -> None:
     """Permute latents and the matching Adam moments so optimisation continues seamlessly."""
     sae.permute_latents(perm)
-    index_dims = {id(sae.W_enc): 2, id(sae.b_enc): 1, id(sae.W_dec): 1}
-    for p in (sae.W_enc, sae.b_enc, sae.W_dec):
-        state = opt.state.get(p, {})
-        dim = index_dims[id(p)]
-        shape = [1] * p.ndim
-        shape[0], shape[dim] = perm.shape
-        idx = perm.view(shape).expand_as(p)
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key].copy_(state[key].gather(dim, idx))
+    for moment, latent_dim in _latent_adam_moments(sae, opt):
+        shape = [1] * moment.ndim
+        shape[0], shape[latent_dim] = perm.shape
+        moment.copy_(moment.gather(latent_dim, perm.view(shape).expand_as(moment)))
 
 
 class LatentPermuter:

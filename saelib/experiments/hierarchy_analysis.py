@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .absorption import _weight_metrics, absorption_scores, matched_latents
+from .absorption import absorption_scores, matched_latents, weight_metrics_from_cosines
 from .matryoshka_probes import parent_child_split_terms, prefix_term_gradient
 from ..core.metrics import active, dead_latents, decoder_cosines, fvu, l0
 from ..core.sae import SAE
@@ -81,7 +81,7 @@ def evaluate_instances(
     half = (sae.d_sae + 1) // 2
     for i in range(sae.n_inst):
         dec = decoder_cosines(sae.W_dec[i], hierarchy.features)  # [d_sae, n_feat]
-        w = _weight_metrics(dec, sae.W_enc[i], hierarchy, threshold)
+        w = weight_metrics_from_cosines(dec, sae.W_enc[i], hierarchy, threshold)
         row = {"mcc": w["mcc"], "recovered": float(w["recovered"]), "all_recovered": float(w["stuck"] == 0)}
         best = dec.max(dim=1).values  # [d_sae]
         row.update({"early_cos": float(best[:half].mean()), "late_cos": float(best[half:].mean())})

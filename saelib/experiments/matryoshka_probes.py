@@ -152,7 +152,7 @@ def prefix_term_gradient(
     if dirs.shape[0] != n_inst or dirs.shape[-1] != sae.d_out:
         raise ValueError(f"directions must be [n_dir, {sae.d_out}] or [{n_inst}, n_dir, {sae.d_out}], got {tuple(directions.shape)}")
     with torch.enable_grad():
-        x_in = sae._as_instances(x)
+        x_in = sae.expand_instances(x)
         x_hat, acts = sae(x_in)  # acts [b, i, s]
         if terms.shape != acts.shape:
             raise ValueError(f"terms must have shape {tuple(acts.shape)}, got {tuple(terms.shape)}")

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -68,9 +68,11 @@ __all__ = [
     "NABESHIMA_LOSS_SPARSE_S6",
     "NABESHIMA_RECOVERED_S6",
     "ANTHROPIC_A1_RECOVERED",
+    "SPARSE_MLP_TRAINING",
     "SparseMLPConfig",
     "LossRecovered",
     "penalty_coefficients",
+    "sparse_mlp_train_config",
     "train_sparse_mlps",
     "loss_recovered",
     "spliced_losses",
@@ -94,7 +96,17 @@ NABESHIMA_RECOVERED_S6 = (0.96, 0.93, 0.81, 0.86)
 ANTHROPIC_A1_RECOVERED = 0.79
 
 
-@dataclass
+# The training settings of the sparse-MLP sweep: Adam (betas 0.9, 0.999) at a peak learning rate of 2e-3,
+# 50 warm-up steps, constant, then a linear decay to 10 % over the last 30 % of the steps; the penalty
+# ramps up from 0 over the first 10 %. The sparsity settings (``l1_coeff`` from ``S``, the L1 penalty
+# scaled by decoder norms) and ``log_every`` are set by :func:`train_sparse_mlps`.
+SPARSE_MLP_TRAINING = TrainConfig(
+    steps=1500, batch_size=512, lr=2e-3, betas=(0.9, 0.999), warmup_steps=50, l1_warmup_frac=0.1, decay_frac=0.3
+)
+_SET_BY_TRAIN_SPARSE_MLPS = ("l1_coeff", "penalty", "scale_penalty_by_decoder_norm", "log_every")
+
+
+@dataclass(init=False)
 class SparseMLPConfig:
     """Sparse-MLP sweep settings (one :class:`SAE` instance per penalty exponent ``S``).
 
@@ -102,36 +114,47 @@ class SparseMLPConfig:
         S_values: penalty exponents; the penalty is ``2**S`` on the mean latent activation per
             token (see the module docstring for the normalisation).
         d_sae: sparse neurons per sparse MLP.
-        steps: Adam steps.
-        batch_size: tokens per step.
-        lr: peak Adam learning rate (warm-up, then constant, then linear decay to 10 %).
-        betas: Adam betas.
-        warmup_steps: learning-rate warm-up steps.
-        l1_warmup_frac: fraction of the steps over which the penalty ramps up from 0.
-        decay_frac: final fraction of the steps with a decaying learning rate.
-        seed: seed of the initialisation and of the token sampling.
-        progress: show progress bars.
+        train: how each layer's sparse MLPs train (steps, tokens per step ``batch_size``, the
+            Adam schedule, ``seed`` of the initialisation and of the token sampling, ``progress``
+            bars, ...): :data:`SPARSE_MLP_TRAINING` unless given. Its ``l1_coeff``, ``penalty``,
+            ``scale_penalty_by_decoder_norm`` and ``log_every`` are set by
+            :func:`train_sparse_mlps`.
         device: where the sparse MLPs train and live (``SAEConfig.device``; the stored
             activations may stay on the CPU).
         dtype: their parameter dtype (``SAEConfig.dtype``).
+
+    Any other keyword argument is a :class:`saelib.core.train.TrainConfig` field and replaces
+    that field of ``train``: ``SparseMLPConfig(steps=300, seed=1)`` trains as
+    ``SparseMLPConfig(train=dataclasses.replace(SPARSE_MLP_TRAINING, steps=300, seed=1))``.
+
+    Raises ValueError for empty or non-finite ``S_values``, or a keyword among the four fields
+    that :func:`train_sparse_mlps` sets; TypeError for a keyword that is not a ``TrainConfig``
+    field; what ``TrainConfig`` raises for a bad value.
     """
 
-    S_values: tuple[float, ...] = (-2.0, 0.0, 2.0, 4.0)
-    d_sae: int = 2048
-    steps: int = 1500
-    batch_size: int = 512
-    lr: float = 2e-3
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 50
-    l1_warmup_frac: float = 0.1
-    decay_frac: float = 0.3
-    seed: int = 0
-    progress: bool = True
-    device: str = "cpu"
-    dtype: str = "float32"
+    S_values: tuple[float, ...]
+    d_sae: int
+    train: TrainConfig
+    device: str
+    dtype: str
 
-    def __post_init__(self) -> None:
-        self.S_values = tuple(float(s) for s in self.S_values)
+    def __init__(
+        self,
+        S_values: Sequence[float] = (-2.0, 0.0, 2.0, 4.0),
+        d_sae: int = 2048,
+        train: TrainConfig | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        **train_fields: Any,
+    ) -> None:
+        fixed = [k for k in _SET_BY_TRAIN_SPARSE_MLPS if k in train_fields]
+        if fixed:
+            raise ValueError(f"SparseMLPConfig: {fixed} are set by train_sparse_mlps from S_values and steps")
+        self.S_values = tuple(float(s) for s in S_values)
+        self.d_sae = d_sae
+        self.train = replace(SPARSE_MLP_TRAINING if train is None else train, **train_fields)
+        self.device = device
+        self.dtype = dtype
         if not self.S_values:
             raise ValueError("SparseMLPConfig.S_values must not be empty")
         if not all(math.isfinite(s) for s in self.S_values):
@@ -169,29 +192,28 @@ def train_sparse_mlps(
         n_inst=len(cfg.S_values),
         apply_b_dec_to_input=False,
         architecture="relu",
-        seed=cfg.seed,
+        seed=cfg.train.seed,
         device=cfg.device,
         dtype=cfg.dtype,
     )
     sae = SAE(sae_cfg)
-    train_cfg = TrainConfig(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        betas=cfg.betas,
-        warmup_steps=cfg.warmup_steps,
-        decay_frac=cfg.decay_frac,
-        l1_coeff=penalty_coefficients(cfg.S_values, d_model_out, cfg.d_sae),
-        l1_warmup_frac=cfg.l1_warmup_frac,
-        penalty="l1",
-        scale_penalty_by_decoder_norm=True,
-        log_every=max(1, cfg.steps // 20),
-        seed=cfg.seed,
-        progress=cfg.progress,
-    )
+    train_cfg = sparse_mlp_train_config(cfg, d_model_out)
     history = train_sae(sae, (mlp_in * in_scale, mlp_out * out_scale), train_cfg)
     fold_scales(sae, in_scale, out_scale)
     return SparseMLP(sae, layer, cfg.S_values, hooks[0], hooks[1], in_scale, out_scale, history)
+
+
+def sparse_mlp_train_config(cfg: SparseMLPConfig, d_model_out: int) -> TrainConfig:
+    """The :class:`saelib.core.train.TrainConfig` that :func:`train_sparse_mlps` trains with:
+    ``cfg.train`` with the L1 penalty scaled by decoder norms, one ``l1_coeff`` per ``S``
+    (:func:`penalty_coefficients` for targets of width ``d_model_out``) and 20 logged rows."""
+    return replace(
+        cfg.train,
+        l1_coeff=penalty_coefficients(cfg.S_values, d_model_out, cfg.d_sae),
+        penalty="l1",
+        scale_penalty_by_decoder_norm=True,
+        log_every=max(1, cfg.train.steps // 20),
+    )
 
 
 # ---------------------------------------------------------------------------------------- loss recovered
@@ -430,7 +452,7 @@ def sparse_mlp_sweep(
     out = SparseMLPSweep(cfg, layers)
     hooks = {layer: mlp_hook_names(model, layer) for layer in layers}
     t0 = time.perf_counter()
-    store = harvest_activations(lm, train_docs, [h for pair in hooks.values() for h in pair], progress=cfg.progress)
+    store = harvest_activations(lm, train_docs, [h for pair in hooks.values() for h in pair], progress=cfg.train.progress)
     rows = store.rows()  # every non-BOS token
     out.seconds["collect"] += time.perf_counter() - t0
     for layer in layers:
@@ -440,7 +462,7 @@ def sparse_mlp_sweep(
         sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks[layer])
         t2 = time.perf_counter()
         out.results[layer] = spliced_losses(model, heldout_docs, sm, y.mean(0), tokens_per_batch=tokens_per_batch,
-                                            progress=cfg.progress)
+                                            progress=cfg.train.progress)
         alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool, device=sm.sae.W_enc.device)
         for i in range(0, len(x), 2048):
             alive |= active(sm.latents(x[i : i + 2048])).any(0)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 import torch
 from matplotlib.figure import Figure
 
-from .absorption import AbsorptionScores, HedgingScores, absorption_scores, hedging_scores, instance_summary, train_hedging_pair
+from .absorption import AbsorptionScores, absorption_scores, instance_summary
+from .hedging import HedgingScores, hedging_scores, train_hedging_pair
 from ..core.matryoshka import MatryoshkaConfig
 from ..figures.plotting import sae_feature_heatmaps
 from ..core.sae import SAE, SAEConfig
@@ -229,7 +230,7 @@ class NarrowSweepHedging:
             onto the span of the new decoder rows.
         baseline_proj: the same for random subspaces of the same dimension (mean over draws).
         delta_norm: ``||delta||``, the whole change of the old row.
-        scores: the :class:`~saelib.experiments.absorption.HedgingScores` over all instances (flat, in the
+        scores: the :class:`~saelib.experiments.hedging.HedgingScores` over all instances (flat, in the
             sweep's (q, L1, seed) order), with the drift since the sweep's SAE.
         extended, control: the SAEs trained further (``d_sae = 1 + n_new`` and ``1``).
     """
@@ -260,13 +261,13 @@ def narrow_sweep_hedging(
     """Hedging rate (Chanin et al. 2025, arXiv 2505.11756) of every 1-latent SAE of a narrow sweep.
 
     Each trained 1-latent SAE of ``sweep`` is extended with ``n_new`` latents
-    (:func:`saelib.experiments.absorption.extend_sae`, the reference's initialisation) and trained further
+    (:func:`saelib.experiments.hedging.extend_sae`, the reference's initialisation) and trained further
     beside a copy of itself at width 1 (the control), both with the sweep's own training
     configuration (same L1 coefficient per instance, lr, batch size, schedule, dead-latent
     resampling) on the data each instance was trained on: instance ``i`` draws from
     ``sweep.trees[i]`` through the same sampler (per instance, or stacked) and seed as the sweep,
-    so it sees the same data stream again (:func:`saelib.experiments.absorption.train_hedging_pair`). The old row's move in the
-    extended SAE relative to the control is scored by :func:`saelib.experiments.absorption.hedging_scores`:
+    so it sees the same data stream again (:func:`saelib.experiments.hedging.train_hedging_pair`). The old row's move in the
+    extended SAE relative to the control is scored by :func:`saelib.experiments.hedging.hedging_scores`:
     a single latent that hedged (merged its children into the parent direction) gives the children
     up to the new latents and moves into their span.
 
@@ -287,8 +288,8 @@ def narrow_sweep_hedging(
         ValueError: ``sweep`` lacks ``sae``, ``trees`` or ``train_cfg`` (made before they were
             recorded), its sizes disagree, ``n_new`` is not an int >= 1 or leaves no room for a
             random baseline (``1 + n_new >= d_in``), or ``steps`` is not an int >= 1; and whatever
-            :func:`saelib.experiments.absorption.extend_sae`, :func:`saelib.core.train.train_sae` and
-            :func:`saelib.experiments.absorption.hedging_scores` raise.
+            :func:`saelib.experiments.hedging.extend_sae`, :func:`saelib.core.train.train_sae` and
+            :func:`saelib.experiments.hedging.hedging_scores` raise.
 
     Source: Chanin et al. 2025, "Feature hedging" (arXiv 2505.11756), reference code
     ``chanind/feature-hedging-paper`` (``hedging_paper/evals/hedging_eval.py``,

@@ -1,7 +1,8 @@
 """Language models for the real-text experiments, as TransformerLens ``HookedTransformer``s:
 the embedded default model (trained once per machine on the Wikipedia corpus, then cached),
 SmolLM2-135M converted from its GGUF file, or any TransformerLens model name; plus held-out
-loss, a unigram baseline and batched activation collection through hooks.
+loss, a unigram baseline, and the last block a hook needs (:func:`hook_layer`; activations are
+harvested and cached by :mod:`saelib.lm.activations`).
 
 **Default model** (Nabeshima's choices for his sparse-MLP experiments, Nabeshima 2024b in REFERENCES.md:
 4 layers, ReLU MLPs, no LayerNorm), sized for a CPU: ``d_model=128, d_mlp=512, n_heads=4,
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tokenizers import Tokenizer
@@ -61,8 +62,6 @@ __all__ = [
     "mean_next_token_loss",
     "unigram_loss",
     "hook_layer",
-    "collect_activations",
-    "flatten_tokens",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -497,45 +496,3 @@ def hook_layer(hook_name: str) -> int | None:
     if hook_name in ("hook_embed", "hook_pos_embed", "hook_tokens"):
         return 0
     return None
-
-
-@torch.no_grad()
-def collect_activations(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "n_seq pos"],
-    hook_names: Sequence[str],
-    batch_size: int = 32,
-    progress: bool = True,
-) -> dict[str, Float[Tensor, "n_seq pos d"]]:
-    """Activations at ``hook_names`` (use ``transformer_lens.utils.get_act_name``) for every
-    sequence of ``tokens``, computed in batches and stopping the forward pass after the last
-    block any of the hooks needs (``stop_at_layer``).
-
-    Returns ``{hook_name: Tensor[n_seq, pos, d]}`` (float32, on the CPU). Raises ValueError for a
-    hook name the model does not have.
-    """
-    missing = [h for h in hook_names if h not in model.hook_dict]
-    if missing:
-        raise ValueError(f"hook(s) {missing} not in the model (see model.hook_dict)")
-    layers = [hook_layer(h) for h in hook_names]
-    stop = None if any(layer is None for layer in layers) else max(layers)  # type: ignore[type-var]
-    if stop is not None and stop >= model.cfg.n_layers:
-        stop = None
-    store: dict[str, list[Tensor]] = {h: [] for h in hook_names}
-
-    def save(act: Tensor, hook: Any) -> None:
-        store[hook.name].append(act.detach().float().cpu())
-
-    fwd_hooks = [(h, save) for h in hook_names]
-    for i in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="collect activations", mininterval=1.0):
-        model.run_with_hooks(tokens[i : i + batch_size], fwd_hooks=fwd_hooks, stop_at_layer=stop, return_type=None)
-    return {h: torch.cat(v) for h, v in store.items()}
-
-
-def flatten_tokens(acts: Float[Tensor, "n_seq pos d"], drop_bos: bool = True) -> Float[Tensor, "n_tok d"]:
-    """``[n_seq, pos, d]`` → ``[n_seq * pos', d]``, dropping position 0 (BOS) when ``drop_bos``."""
-    if acts.ndim != 3:
-        raise ValueError(f"acts must be [n_seq, pos, d], got shape {tuple(acts.shape)}")
-    if drop_bos:
-        acts = acts[:, 1:]
-    return acts.reshape(-1, acts.shape[-1])

@@ -1,0 +1,63 @@
+"""Tests for saelib.core.persistence.check_reload, the notebooks' save-and-reload check: it passes on
+a saved SAE (whatever the trained SAE's mode) and fails, naming the loader, when either loader's
+encoding differs from the trained SAE's."""
+
+import pytest
+import torch
+
+from saelib.core.persistence import check_reload, save_instances
+from saelib.core.sae import SAE, SAEConfig
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    return pytest.importorskip("sae_lens")
+
+
+def build_sae(architecture: str = "relu") -> SAE:
+    """A 3-instance SAE with random non-zero biases (BatchTopK: a threshold per instance at the median
+    positive pre-activation, so that training-mode and inference-mode encodings differ)."""
+    sae = SAE(SAEConfig(d_in=6, d_sae=10, n_inst=3, architecture=architecture, k=3 if architecture != "relu" else None,
+                        seed=1))
+    with torch.no_grad():
+        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
+        sae.b_enc.copy_(0.2 * torch.randn_like(sae.b_enc))
+        sae.b_dec.copy_(0.5 * torch.randn_like(sae.b_dec))
+        if architecture == "batchtopk":
+            pre = sae.pre_acts(torch.randn(256, 6))  # [batch, inst, d_sae]
+            sae.threshold.copy_(torch.stack([pre[:, i][pre[:, i] > 0].median() for i in range(3)]))
+    return sae
+
+
+def test_check_reload_passes_on_saved_saes_and_keeps_the_mode(tmp_path, sae_lens):
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    for architecture, lens_class in (("relu", "StandardSAE"), ("batchtopk", "JumpReLUSAE")):
+        sae = build_sae(architecture).train()
+        folders = save_instances(sae.eval(), tmp_path / architecture)
+        sae.train()  # a BatchTopK SAE in training mode keeps k per batch, not its saved threshold
+        loaded = check_reload(folders[1], sae, 1, x)
+        assert type(loaded).__name__ == lens_class and sae.training
+
+
+def test_check_reload_names_the_loader_that_differs(tmp_path, sae_lens, monkeypatch):
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    sae = build_sae()
+    folders = save_instances(sae, tmp_path)
+    with pytest.raises(AssertionError, match=r"load_sae\(.*instance_1'\) encodes differently"):
+        check_reload(folders[1], sae, 0, x)  # another instance's weights
+    # an SAELens loader that shifts b_enc: saelib's reload still agrees, SAELens's does not
+    real = sae_lens.SAE.load_from_disk
+
+    def shifted(path, *args, **kwargs):
+        loaded = real(path, *args, **kwargs)
+        with torch.no_grad():
+            loaded.b_enc.add_(1.0)
+        return loaded
+
+    monkeypatch.setattr(sae_lens.SAE, "load_from_disk", shifted)
+    with pytest.raises(AssertionError, match=r"SAELens's SAE from .*instance_2' encodes differently"):
+        check_reload(folders[2], sae, 2, x)
+    with pytest.raises(IndexError, match="instance 3 out of range for n_inst=3"):
+        check_reload(folders[0], sae, 3, x)

@@ -193,3 +193,15 @@ def test_full_size_claims_are_asserted_in_the_full_run_only_and_print_the_same_l
     # a claim not marked full-size is asserted in both runs
     with pytest.raises(AssertionError):
         cl.check_claims(quick + [cl.finding("z", False)], not_reproduced=["y is large"])
+
+
+def test_seed_spread_is_the_scaled_mad_by_hand():
+    from saelib.experiments.claims import seed_spread
+
+    # median 3, absolute deviations [2, 1, 0, 1, 97] -> MAD 1: one stuck seed does not move it
+    assert seed_spread([1, 2, 3, 4, 100]) == pytest.approx(1.4826)
+    assert seed_spread([5.0, 5.0, 5.0]) == 0.0
+    with pytest.raises(ValueError):
+        seed_spread([])
+    with pytest.raises(ValueError):
+        seed_spread([1.0, float("nan")])

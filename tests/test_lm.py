@@ -230,7 +230,7 @@ def test_smollm2_loss_recovered_one_layer(smollm2, tmp_path, monkeypatch):
     split = split_documents(load_wiki_leads())
     train = tokenize_documents(split.train_texts[:48], lm.tokenizer, lm.bos_id, 64)
     held = tokenize_documents(split.heldout_texts[:4], lm.tokenizer, lm.bos_id, 64)
-    layer = 0  # zero-ablating SmolLM2's first MLP is catastrophic (FACTS.md: loss 13.2)
+    layer = 0  # zero-ablating SmolLM2's first MLP is catastrophic (held-out loss about 13.2 nats, measured here)
     cfg = SparseMLPConfig(S_values=(-4.0,), d_sae=576, steps=150, batch_size=256, lr=2e-3, progress=False)
     res = sparse_mlp_sweep(lm, train, held, cfg, layers=[layer], tokens_per_batch=256).results[layer]
     assert 1.0 < res.loss_orig < 5.0  # a real language model on English text

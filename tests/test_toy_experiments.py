@@ -197,3 +197,16 @@ def test_hedging_of_sweep_rejects_bad_inputs(hand_hedging):
         narrow_sweep_hedging(sweep, n_new=19)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         narrow_sweep_hedging(sweep, steps=0)
+
+
+def test_retrained_tree_figure_trains_on_the_asked_tree_and_returns_a_figure():
+    from matplotlib.figure import Figure
+
+    from saelib.experiments.toy_experiments import retrained_tree_figure
+
+    cfg = TrainConfig(steps=10, batch_size=50, progress=False)
+    fig = retrained_tree_figure(cfg, p_parent=0.2, p_child=0.25, prefix_mode="every", target_l0=1.0, seed=1, steps=5,
+                                n_inst=1)
+    assert isinstance(fig, Figure)
+    with pytest.raises(ValueError):
+        retrained_tree_figure(cfg, p_parent=1.5, p_child=0.2, prefix_mode="random", target_l0=1.0, seed=0, steps=5)

@@ -59,7 +59,7 @@ from .io import atomic_write_bytes  # noqa: F401  (re-exported: notebook 07 impo
 from .io import atomic_write_folder, cache_dir, config_hash
 from .sae import SAE, SAEConfig, dtype_name
 
-__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "check_reload", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"

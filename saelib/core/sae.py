@@ -36,7 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-__all__ = ["SAEConfig", "SAE", "dtype_name"]
+__all__ = ["SAEConfig", "SAE", "dtype_name", "float32_sum"]
 
 Architecture = Literal["relu", "topk", "batchtopk"]
 
@@ -152,6 +152,23 @@ def dtype_name(dtype: str | torch.dtype) -> str:
 _CENTERED_ENCODE_MIN_MACS = 1 << 24
 
 
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a product with ``weight`` runs in: the autocast dtype inside an autocast region
+    on the weight's device (bf16 under :func:`saelib.core.precision.autocast`), else the weight's."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def float32_sum(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """``t.sum(dim)``, accumulated and returned in float32 when ``t`` is a low-precision (bf16 or
+    float16) tensor; float32 and float64 tensors are summed exactly as ``t.sum(dim)`` does."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.sum(dim, keepdim=keepdim, dtype=torch.float32)
+    return t.sum(dim, keepdim=keepdim)
+
+
 class _CenteredEncode(torch.autograd.Function):
     """``(x - b_dec) @ W_enc`` per instance, with ``b_dec``'s gradient taken without the input gradient.
 
@@ -166,23 +183,32 @@ class _CenteredEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor) -> Tensor:
-        centered = x - b_dec[:, None, :]
-        ctx.save_for_backward(centered, W_enc)
-        return torch.bmm(centered, W_enc)
+        # under bf16 autocast the product runs in bf16: cast once here and keep the bf16 copies
+        # for the backward (which runs outside the autocast region)
+        dtype = _matmul_dtype(W_enc)
+        centered = (x - b_dec[:, None, :]).to(dtype)
+        W = W_enc.to(dtype)
+        ctx.save_for_backward(centered, W)
+        ctx.dtypes = (x.dtype, b_dec.dtype, W_enc.dtype)
+        return torch.bmm(centered, W)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         centered, W_enc = ctx.saved_tensors
+        x_dtype, b_dtype, W_dtype = ctx.dtypes
+        grad = grad.to(centered.dtype)
         need_x, need_b, need_W = ctx.needs_input_grad
         grad_x = grad_b = grad_W = None
         if need_W:
-            grad_W = torch.bmm(centered.transpose(1, 2), grad)  # [inst, d_in, d_sae]
+            grad_W = torch.bmm(centered.transpose(1, 2), grad).to(W_dtype)  # [inst, d_in, d_sae]
         if need_x:
             grad_x = torch.bmm(grad, W_enc.transpose(1, 2))  # [inst, batch, d_in]
             if need_b:
-                grad_b = -grad_x.sum(1)
+                grad_b = -float32_sum(grad_x, 1).to(b_dtype)
+            grad_x = grad_x.to(x_dtype)
         elif need_b:
-            grad_b = -torch.bmm(grad.sum(1, keepdim=True), W_enc.transpose(1, 2))[:, 0]  # [inst, d_in]
+            grad_sum = float32_sum(grad, 1, keepdim=True).to(W_enc.dtype)  # the batch sum in float32
+            grad_b = -torch.bmm(grad_sum, W_enc.transpose(1, 2))[:, 0].to(b_dtype)  # [inst, d_in]
         return grad_x, grad_b, grad_W
 
 
@@ -262,9 +288,13 @@ class SAE(nn.Module):
                 and self.b_dec.requires_grad
                 and x.shape[0] * x.shape[1] * self.d_in * self.d_sae >= _CENTERED_ENCODE_MIN_MACS
             ):
-                return _CenteredEncode.apply(x, self.b_dec, self.W_enc).transpose(0, 1) + self.b_enc
+                pre = _CenteredEncode.apply(x, self.b_dec, self.W_enc).transpose(0, 1)
+                return pre + self.b_enc.to(pre.dtype)
             x = x - self.b_dec[:, None, :]
-        return torch.bmm(x, self.W_enc).transpose(0, 1) + self.b_enc
+        # under bf16 autocast the product is bf16 and so, by casting the bias, is the sum: the
+        # element-wise passes over [batch, inst, d_sae] stay in bf16 (no-op casts in float32)
+        pre = torch.bmm(x, self.W_enc).transpose(0, 1)
+        return pre + self.b_enc.to(pre.dtype)
 
     def activation(self, pre: Float[Tensor, "batch inst d_sae"]) -> Float[Tensor, "batch inst d_sae"]:
         """Apply the architecture's sparsifying non-linearity to pre-activations."""
@@ -314,7 +344,8 @@ class SAE(nn.Module):
     def decode(self, acts: Float[Tensor, "batch inst d_sae"]) -> Float[Tensor, "batch inst d_out"]:
         """Reconstruction ``acts @ W_dec + b_dec`` (a transposed view of an [inst, batch, d_out]
         tensor, like :meth:`pre_acts`)."""
-        return torch.bmm(acts.transpose(0, 1), self.W_dec).transpose(0, 1) + self.b_dec
+        out = torch.bmm(acts.transpose(0, 1), self.W_dec).transpose(0, 1)
+        return out + self.b_dec.to(out.dtype)
 
     def forward(self, x: Tensor) -> tuple[Float[Tensor, "batch inst d_out"], Float[Tensor, "batch inst d_sae"]]:
         """Return ``(x_hat, acts)``."""

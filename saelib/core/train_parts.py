@@ -26,7 +26,7 @@ from .distributed import DataParallel
 from .matryoshka import PerInstanceMatryoshka, latent_weights, matryoshka_loss
 from .metrics import active, squared_error
 from .penalties import BatchMean, per_latent_penalty
-from .sae import SAE
+from .sae import SAE, float32_sum
 
 __all__ = ["SparsityPenalty", "step_loss", "SparsityController", "DeadLatentResampler", "LatentPermuter"]
 
@@ -43,7 +43,7 @@ def _penalty(
     ``batch_mean`` goes to batch-level penalties (see :func:`saelib.core.penalties.per_latent_penalty`).
     """
     if all(k == "l1" for k in kinds):
-        return acts.sum(0) * (scale / acts.shape[0])
+        return float32_sum(acts, 0) * (scale / acts.shape[0])  # bf16 acts: the batch sum in float32
     if all(k == kinds[0] for k in kinds):
         return per_latent_penalty(acts, scale, kinds[0], freq_target, batch_mean)
     out = acts.new_zeros(acts.shape[1:])

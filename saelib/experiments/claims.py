@@ -45,6 +45,7 @@ __all__ = [
     "Claim",
     "seed_median",
     "seed_tolerance",
+    "seed_spread",
     "approx",
     "within_seed_spread",
     "between",
@@ -104,11 +105,13 @@ def seed_tolerance(values: Iterable[float]) -> float:
     half the seeds agree exactly. Raises ValueError if empty or non-finite.
     """
     arr = _values("tolerance", values)
-    return N_STANDARD_ERRORS * _SE_MEDIAN * _robust_sd(arr) / math.sqrt(arr.size)
+    return N_STANDARD_ERRORS * _SE_MEDIAN * seed_spread(arr) / math.sqrt(arr.size)
 
 
-def _robust_sd(arr: np.ndarray) -> float:
-    """``1.4826 · MAD``: the spread of one seed, robust to a stuck seed (``arr``: ``[n_seeds]``)."""
+def seed_spread(values: Iterable[float]) -> float:
+    """``1.4826 · MAD``: the spread of one seed (a standard deviation for normal data), robust to
+    a stuck seed. ``values``: ``[n_seeds]``. Raises ValueError if empty or non-finite."""
+    arr = _values("spread", values)
     return _MAD_TO_SD * float(np.median(np.abs(arr - np.median(arr))))
 
 
@@ -187,7 +190,7 @@ def within_seed_spread(text: str, values: Iterable[float], predicted: float, *, 
     non-finite values.
     """
     arr, med, tol_median = _median_and_tolerance(text, values)
-    tol = N_STANDARD_ERRORS * _robust_sd(arr)
+    tol = N_STANDARD_ERRORS * seed_spread(arr)
     margin = tol - abs(med - predicted)
     return Claim(text, f"{predicted:+.3f}", source, med, tol, arr.size, margin >= 0, margin, tol_median / 2)
 

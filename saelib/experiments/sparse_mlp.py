@@ -54,6 +54,7 @@ from transformer_lens import HookedTransformer, utils
 
 from ..core.metrics import active, cosine_matrix
 from ..core.normalisation import normalisation_scale
+from ..core.precision import autocast, resolve_precision
 from ..core.sae import SAE, SAEConfig
 from ..core.train import TrainConfig, train_sae
 from ..core.transcoder import SparseMLP, fold_scales, mlp_hook_names
@@ -283,6 +284,7 @@ def spliced_losses(
     tokens_per_batch: int = 2048,
     skip_bos: bool = True,
     progress: bool = True,
+    precision: str = "float32",
 ) -> LossRecovered:
     """Original, zero-ablated, mean-ablated and sparse-MLP-spliced losses for one layer (see the
     module docstring for definitions and the averaging order).
@@ -298,7 +300,10 @@ def spliced_losses(
 
     The replacement happens at positions 1.. when ``skip_bos`` (BOS keeps its own MLP output in
     every variant, since the sparse MLP never saw BOS in training), else at every position.
-    Raises ValueError if ``mean_mlp_out`` has the wrong width.
+    ``precision`` (``"float32"``, ``"bfloat16"`` or ``"auto"``, :mod:`saelib.core.precision`):
+    every forward (the model's and the sparse MLP's) runs in it; the losses and KL are computed
+    from float32 log-probabilities either way.
+    Raises ValueError if ``mean_mlp_out`` has the wrong width, or for an unknown ``precision``.
     """
     from ..lm.activations import length_batches
     from ..data.corpus import DocumentTokens
@@ -321,6 +326,7 @@ def spliced_losses(
     n_pred, n_spliced = 0, 0
     cache: dict[str, Tensor] = {}
     device = next(model.parameters()).device  # tokens go to the model
+    precision = resolve_precision(precision, device)
 
     def keep(act: Tensor, hook: Any) -> None:
         cache[hook.name] = act
@@ -333,12 +339,14 @@ def spliced_losses(
         valid = valid_pos[:, 1:]  # predicted tokens inside their document
         spliced = valid_pos.clone()
         spliced[:, :start] = False  # positions whose MLP output is replaced
-        logits = model.run_with_hooks(batch, fwd_hooks=[(h, keep) for h in (mid_hook, in_hook, out_hook)])
+        with autocast(precision, device):
+            logits = model.run_with_hooks(batch, fwd_hooks=[(h, keep) for h in (mid_hook, in_hook, out_hook)])
         ce, _, ref = _ce_and_kl(logits, None, batch, valid)
         sums["orig"] += ce
         n_pred += int(valid.sum())
         mid, mlp_in, mlp_out = cache[mid_hook], cache[in_hook], cache[out_hook]
-        flat_out, flat_acts = sparse_mlp.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(sparse_mlp.sae.W_enc))  # one encode for both
+        with autocast(precision, sparse_mlp.sae.W_enc.device):  # one encode for both
+            flat_out, flat_acts = sparse_mlp.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(sparse_mlp.sae.W_enc))
         flat_out, flat_acts = flat_out.to(mlp_out), flat_acts.to(mlp_out.device)  # back to the model's side
         outs = flat_out.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_model]
         acts = flat_acts.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_sae]
@@ -347,7 +355,8 @@ def spliced_losses(
         for name, value in variants.items():
             new_out = mlp_out.clone()
             new_out[:, start:] = value[:, start:] if value.ndim == 3 else value
-            logits = model(mid + new_out, start_at_layer=layer + 1)
+            with autocast(precision, device):
+                logits = model(mid + new_out, start_at_layer=layer + 1)
             ce, kl, _ = _ce_and_kl(logits, ref, batch, valid)
             if isinstance(name, int):
                 sparse_ce[name] += ce
@@ -452,7 +461,9 @@ def sparse_mlp_sweep(
     out = SparseMLPSweep(cfg, layers)
     hooks = {layer: mlp_hook_names(model, layer) for layer in layers}
     t0 = time.perf_counter()
-    store = harvest_activations(lm, train_docs, [h for pair in hooks.values() for h in pair], progress=cfg.train.progress)
+    precision = cfg.train.precision  # harvest, training and splicing in one precision
+    store = harvest_activations(lm, train_docs, [h for pair in hooks.values() for h in pair], progress=cfg.train.progress,
+                                precision=precision)
     rows = store.rows()  # every non-BOS token
     out.seconds["collect"] += time.perf_counter() - t0
     for layer in layers:
@@ -462,7 +473,7 @@ def sparse_mlp_sweep(
         sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks[layer])
         t2 = time.perf_counter()
         out.results[layer] = spliced_losses(model, heldout_docs, sm, y.mean(0), tokens_per_batch=tokens_per_batch,
-                                            progress=cfg.train.progress)
+                                            progress=cfg.train.progress, precision=precision)
         alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool, device=sm.sae.W_enc.device)
         for i in range(0, len(x), 2048):
             alive |= active(sm.latents(x[i : i + 2048])).any(0)

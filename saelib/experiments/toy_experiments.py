@@ -19,13 +19,14 @@ from .hedging import HedgingScores, hedging_scores, train_hedging_pair
 from ..core.matryoshka import MatryoshkaConfig
 from ..figures.plotting import sae_feature_heatmaps
 from ..core.sae import SAE, SAEConfig
-from ..data.toy_data import ToyHierarchy, instance_samplers, stacked_sampler
+from ..data.toy_data import ToyHierarchy, instance_samplers, nabeshima_tree, stacked_sampler
 from ..core.train import DataSource, History, TrainConfig, train_sae
 
 __all__ = [
     "ToyComparison",
     "instance_summary",
     "compare_vanilla_matryoshka",
+    "retrained_tree_figure",
     "NarrowSweep",
     "narrow_sae_sweep",
     "NarrowSweepHedging",
@@ -107,6 +108,34 @@ def compare_vanilla_matryoshka(
         mcfg = matryoshka_cfg if method == "matryoshka" else None
         hists[method] = train_sae(saes[method], data, replace(train_cfg, matryoshka=mcfg))
     return ToyComparison(hierarchy, saes, hists, float(input_scale))
+
+
+def retrained_tree_figure(
+    train_cfg: TrainConfig,
+    *,
+    p_parent: float,
+    p_child: float,
+    prefix_mode: str,
+    target_l0: float,
+    seed: int,
+    steps: int,
+    permute_latents: bool = True,
+    n_inst: int = 4,
+) -> Figure:
+    """Train ``n_inst`` vanilla and Matryoshka SAEs on Nabeshima's tree with other firing
+    probabilities and return the first Matryoshka instance's heatmaps (notebook 01's widget).
+
+    ``train_cfg`` is replaced by ``steps``, ``target_l0`` and ``seed``; the Matryoshka prefixes are
+    ``MatryoshkaConfig(mode=prefix_mode, permute_latents=permute_latents)``; inputs are scaled as
+    Nabeshima does (:meth:`saelib.data.toy_data.ToyHierarchy.input_scale`). Raises ValueError as
+    :func:`saelib.data.toy_data.nabeshima_tree` for bad probabilities, or as :class:`TrainConfig`
+    and :class:`saelib.core.matryoshka.MatryoshkaConfig`.
+    """
+    tree = nabeshima_tree(seed=seed, p_parent=p_parent, p_child=p_child)
+    cfg = replace(train_cfg, steps=steps, target_l0=target_l0, seed=seed)
+    run = compare_vanilla_matryoshka(tree, cfg, MatryoshkaConfig(mode=prefix_mode, permute_latents=permute_latents),
+                                     n_inst=n_inst, seed=seed, input_scale=tree.input_scale(seed=seed))
+    return run.figure("matryoshka", 0)
 
 
 @dataclass

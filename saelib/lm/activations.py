@@ -14,8 +14,9 @@ to document ``doc[t]`` at position ``pos[t]`` (0 = BOS). The activations of each
 
 **Cache.** ``<cache_dir>/acts-<key>/`` (:func:`saelib.core.io.cache_dir`, i.e.
 ``$SAELIB_CACHE_DIR``), ``key`` hashing the model's name and weights (SHA-256 of every
-parameter), the hooks, the token set's fingerprint and the storage dtype, so a changed model,
-hook, document set or dtype is harvested again. The folder holds ``meta.json``, ``tokens.npy``,
+parameter), the hooks, the token set's fingerprint, the storage dtype and the forward's precision
+(float32 or bf16, :mod:`saelib.core.precision`), so a changed model,
+hook, document set, dtype or precision is harvested again. The folder holds ``meta.json``, ``tokens.npy``,
 ``doc.npy``, ``pos.npy`` and one ``act-<i>.npy`` per hook (numpy ``.npy``: float32 or float16).
 The arrays are written into a temporary folder, which is renamed into place only when complete,
 so an interrupted harvest never leaves a folder that looks finished.
@@ -46,6 +47,7 @@ from tqdm.auto import tqdm
 from ..data.corpus import DocumentTokens
 from ..core.io import atomic_write_bytes, cache_dir, config_hash
 from ..core.normalisation import scale_from_mean_sq_norm
+from ..core.precision import autocast, resolve_precision
 
 if TYPE_CHECKING:
     from .models import LanguageModel
@@ -243,6 +245,7 @@ def harvest_activations(
     tokens_per_batch: int = 4096,
     use_cache: bool = True,
     progress: bool = True,
+    precision: str = "float32",
 ) -> ActivationStore:
     """Activations of ``lm`` at ``hooks`` on every valid position of ``docs``, from the cache
     when present, else computed and cached (see the module docstring).
@@ -255,10 +258,13 @@ def harvest_activations(
         tokens_per_batch: rows × padded length per forward pass.
         use_cache: read an existing cache entry; if False, harvest again and replace it.
         progress: tqdm bar over tokens.
+        precision: the forward's precision, ``"float32"``, ``"bfloat16"`` (bf16 products under
+            autocast; the stored activations are still ``dtype``) or ``"auto"``
+            (:mod:`saelib.core.precision`); the resolved precision is part of the cache key.
 
-    Returns the :class:`ActivationStore`; its ``meta`` records ``seconds`` and ``tokens_per_s``
-    of the harvest that wrote it. Raises ValueError for an unknown hook or dtype, or an empty
-    hook list.
+    Returns the :class:`ActivationStore`; its ``meta`` records ``seconds``, ``tokens_per_s`` and
+    ``precision`` of the harvest that wrote it. Raises ValueError for an unknown hook, dtype or
+    precision, or an empty hook list.
     """
     model = lm.model
     hooks = list(hooks)
@@ -271,9 +277,11 @@ def harvest_activations(
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype}")
     if tokens_per_batch < docs.tokens.shape[1]:
         raise ValueError(f"tokens_per_batch={tokens_per_batch} is below the longest row ({docs.tokens.shape[1]})")
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     weights = lm.info.get("weights_sha256") or model_fingerprint(model)
     lm.info["weights_sha256"] = weights
-    key = config_hash(_FORMAT, lm.name, weights, hooks, docs.fingerprint(), str(dtype))
+    key = config_hash(_FORMAT, lm.name, weights, hooks, docs.fingerprint(), str(dtype), precision)
     root = cache_dir()
     final = root / f"acts-{key}"
     if use_cache and (final / "meta.json").exists():
@@ -304,8 +312,9 @@ def harvest_activations(
         bar = tqdm(total=n_tok, disable=not progress, desc="harvest activations", unit="tok", mininterval=1.0)
         for rows in batches:
             width = int(lengths[rows[0]])
-            model.run_with_hooks(docs.tokens[rows, :width], fwd_hooks=[(h, keep) for h in hooks],
-                                 stop_at_layer=stop, return_type=None)
+            with autocast(precision, device):
+                model.run_with_hooks(docs.tokens[rows, :width], fwd_hooks=[(h, keep) for h in hooks],
+                                     stop_at_layer=stop, return_type=None)
             for h in hooks:
                 act = current[h]
                 if h not in arrays:
@@ -328,6 +337,7 @@ def harvest_activations(
             "hooks": hooks,
             "d": d,
             "dtype": str(dtype),
+            "precision": precision,
             "documents_fingerprint": docs.fingerprint(),
             "n_docs": len(docs),
             "n_tokens": n_tok,

@@ -48,6 +48,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from ..data.corpus import EOT_TOKEN, CorpusConfig, TextCorpus, load_corpus, tokenize_to_sequences
 from ..core.io import atomic_write_bytes, cache_dir, config_hash
+from ..core.precision import autocast, resolve_precision
 
 __all__ = [
     "DefaultModelConfig",
@@ -449,19 +450,30 @@ def _check_predicted_tokens(name: str, tokens: Tensor) -> None:
 
 @torch.no_grad()
 def mean_next_token_loss(
-    model: HookedTransformer, tokens: Int[Tensor, "n_seq pos"], batch_size: int = 32, progress: bool = False
+    model: HookedTransformer,
+    tokens: Int[Tensor, "n_seq pos"],
+    batch_size: int = 32,
+    progress: bool = False,
+    precision: str = "float32",
 ) -> float:
     """Mean next-token cross-entropy (nats) over every predicted token of ``tokens``
-    (positions 1..pos-1 of every sequence, each token weighted equally).
+    (positions 1..pos-1 of every sequence, each token weighted equally), with the forward in
+    ``precision`` (``"float32"``, ``"bfloat16"`` or ``"auto"``, :mod:`saelib.core.precision`;
+    the cross-entropy itself from float32 logits).
 
     Raises ValueError if ``tokens`` is not ``[n_seq, pos]`` with ``n_seq >= 1`` and ``pos >= 2``
-    (no token to predict).
+    (no token to predict), or for an unknown ``precision``.
     """
     _check_predicted_tokens("tokens", tokens)
+    device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     total, count = 0.0, 0
     for i in tqdm(range(0, len(tokens), batch_size), disable=not progress, desc="loss", mininterval=1.0):
         batch = tokens[i : i + batch_size]
-        per_tok = model(batch, return_type="loss", loss_per_token=True)  # [batch, pos-1]
+        with autocast(precision, device):
+            logits = model(batch.to(device))  # [batch, pos, d_vocab]
+        logprobs = logits[:, :-1].float().log_softmax(-1)
+        per_tok = -logprobs.gather(-1, batch[:, 1:, None].to(device))[..., 0]  # [batch, pos-1]
         total += float(per_tok.double().sum())
         count += per_tok.numel()
     return total / count

@@ -339,7 +339,7 @@ def test_data_streams_shared_by_default_and_per_instance_when_independent():
     """Default: one data call per step with the generator ``manual_seed(seed)``, its batch seen by
     every instance. ``independent_instances``: one call per instance per step, each with its own
     generator (distinct initial states, the same for the same ``(seed, instance id)``)."""
-    from saelib.core.train import _DATA_STREAM, _instance_generators
+    from saelib.core.data_streams import DATA_STREAM, instance_generators
 
     def recorder(calls):
         def data(batch, g):
@@ -357,10 +357,10 @@ def test_data_streams_shared_by_default_and_per_instance_when_independent():
     train_sae(SAE(build_sae_cfg(n_inst=3)), recorder(own), build_train_cfg(steps=4, seed=7, independent_instances=True))
     assert len(own) == 12 and len({i for i, _ in own}) == 3
     first = [state for _, state in own[:3]]
-    want = [g.get_state() for g in _instance_generators(7, [0, 1, 2], _DATA_STREAM)]
+    want = [g.get_state() for g in instance_generators(7, [0, 1, 2], DATA_STREAM)]
     assert all(torch.equal(a, b) for a, b in zip(first, want))
     assert not any(torch.equal(first[a], first[b]) for a, b in ((0, 1), (0, 2), (1, 2)))
-    lone = [g.get_state() for g in _instance_generators(7, [2], _DATA_STREAM)]
+    lone = [g.get_state() for g in instance_generators(7, [2], DATA_STREAM)]
     assert torch.equal(lone[0], first[2])
 
 

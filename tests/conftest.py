@@ -1,6 +1,8 @@
 """Shared test setup.
 
 * every test starts from the same random state;
+* fixtures several test files share: ``single_thread``, ``cache_dir``, ``sae_lens`` (builders that are
+  plain functions are in ``tests/builders.py``);
 * under pytest-xdist (``make test`` runs ``-n 2 --dist loadscope``) each notebook's cells stay in
   one worker and in order (nbval runs them in one kernel), the language-model notebooks share one
   group (they reuse the default model that the first of them trains and caches), and that group is
@@ -21,12 +23,13 @@ LM_NOTEBOOKS = ("06_", "07_", "08_")
 def xdist_group_name(path: Path) -> str:
     """The pytest-xdist group of every test item collected from ``path``.
 
-    The language-model notebooks share ``"lm-notebooks"``; every other file is its own group, so
-    a notebook's cells (and a test module's module-scoped fixtures) are never split between workers.
+    The language-model notebooks share ``"lm-notebooks"``; every other file is its own group (named
+    by its path, so test files of the same name in two folders stay apart), so a notebook's cells
+    (and a test module's module-scoped fixtures) are never split between workers.
     """
     if path.suffix == ".ipynb" and path.name.startswith(LM_NOTEBOOKS):
         return "lm-notebooks"
-    return path.name
+    return path.as_posix()
 
 
 def _group_of(nodeid: str) -> str:
@@ -69,6 +72,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """The test's ``tmp_path``, set as saelib's cache folder (``SAELIB_CACHE_DIR``) for the test."""
+    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def sae_lens():
+    """The ``sae_lens`` module (a notebooks extra); tests that need it are skipped without it."""
+    return pytest.importorskip("sae_lens")
 
 
 @pytest.fixture(autouse=True)

@@ -113,12 +113,11 @@ def _relu_encode(folder: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.relu((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"])
 
 
-def test_saelens_example_saves_and_opens_the_trained_sae(trained, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+def test_saelens_example_saves_and_opens_the_trained_sae(trained, cache_dir):
     ns = dict(trained[0])
     out = run_block(1, ns)
     folder = Path(ns["folder"])
-    assert folder.parent.parent == tmp_path and (folder / "cfg.json").is_file(), (
+    assert folder.parent.parent == cache_dir and (folder / "cfg.json").is_file(), (
         f"with no notebook output the example saves under the cache, got {folder}"
     )
     assert out.startswith(f"StandardSAE from {folder}: 20 latents")
@@ -132,11 +131,10 @@ def test_saelens_example_saves_and_opens_the_trained_sae(trained, tmp_path, monk
     assert (expected > 0).any(), "the batch should activate some latents"
 
 
-def test_saelens_example_opens_notebook_01s_folder_when_present(trained, tmp_path, monkeypatch):
+def test_saelens_example_opens_notebook_01s_folder_when_present(trained, cache_dir):
     from saelib.core.persistence import save_sae
     from saelib.core.sae import SAE, SAEConfig
 
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     relative = Path("notebooks", "01_toy_parent_child_mixing", "matryoshka", "seed_0")
     assert relative.as_posix() in NOTEBOOK_01.read_text(encoding="utf-8"), (
         "the README opens the folder notebook 01 reports saving; the notebook no longer names it"
@@ -144,14 +142,14 @@ def test_saelens_example_opens_notebook_01s_folder_when_present(trained, tmp_pat
     other = SAE(SAEConfig(d_in=20, d_sae=20, seed=7))  # stands in for the notebook's SAE
     with torch.no_grad():
         other.b_enc.fill_(0.5)
-    save_sae(other, tmp_path / relative)
+    save_sae(other, cache_dir / relative)
     ns = dict(trained[0])
     out = run_block(1, ns)
-    assert Path(ns["folder"]) == tmp_path / relative
-    assert not (tmp_path / "readme_example").exists(), "with the notebook's folder there, nothing is saved"
+    assert Path(ns["folder"]) == cache_dir / relative
+    assert not (cache_dir / "readme_example").exists(), "with the notebook's folder there, nothing is saved"
     assert printed(r"activation gap " + NUMBER, out) <= 1e-5
     with torch.no_grad():
-        expected = _relu_encode(tmp_path / relative, ns["x"])
+        expected = _relu_encode(cache_dir / relative, ns["x"])
         torch.testing.assert_close(ns["saelib_sae"].encode(ns["x"])[:, 0], expected)
         torch.testing.assert_close(other.eval().encode(ns["x"])[:, 0], expected)
         assert not torch.allclose(ns["sae"].eval().encode(ns["x"])[:, 0], expected), "opened block 1's SAE"

@@ -16,7 +16,7 @@ The scheme is plain synchronous data parallelism, as in SAELens and sparsify:
   the same decisions; resampling gathers the combined batch.
 
 Equal to one process on the combined batch up to float rounding (sums over the batch are split
-into per-rank sums; tests/test_distributed.py). The gradient all-reduce is written out instead
+into per-rank sums; tests/core/test_distributed.py). The gradient all-reduce is written out instead
 of wrapping the SAE in ``DistributedDataParallel``: the loss reads parameters outside
 ``forward`` (decoder norms, the Matryoshka prefixes), and four tensors need no bucketing.
 """

@@ -74,7 +74,7 @@ class TrainConfig:
             calls per step; latent permutation and TopK/BatchTopK draw nothing and need no
             stream. Equal to the lone run up to floating-point rounding: a one-instance run takes
             other kernel paths (~1e-7 apart in float32 per step, which training can amplify);
-            on the CPU, runs of 2 and 3 instances agree bit for bit (tests/test_train.py).
+            on the CPU, runs of 2 and 3 instances agree bit for bit (tests/core/test_train.py).
         instance_ids: with ``independent_instances``, the id of each instance whose generators
             it uses (distinct ids give unrelated streams); None means ``0 .. n_inst - 1``. Lets a
             run stand in for instances of a larger one: ``instance_ids=[3]`` retrains instance 3

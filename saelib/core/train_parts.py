@@ -1,5 +1,5 @@
 """The parts that :func:`saelib.core.train.train_sae` composes, one concern each, each tested alone
-(``tests/test_train_parts.py``):
+(``tests/core/test_train_parts.py``):
 
 * :func:`step_loss`: the loss of one step, per instance: reconstruction (plain or Matryoshka,
   :func:`saelib.core.matryoshka.matryoshka_loss`) plus the coefficient times the sparsity penalty

@@ -330,7 +330,7 @@ def load_smollm2(
     :func:`saelib.core.io.cache_dir` (``smollm2-<key>``, keyed by the GGUF's size and SHA-256
     and the versions of transformers and TransformerLens; written atomically, config last), so
     later loads with ``use_cache`` read them back (about 3 s) and give the same weights and
-    tokenizer bit for bit (tests/test_lm.py). ``n_ctx`` is the longest context the hooked model
+    tokenizer bit for bit (tests/lm/test_lm.py). ``n_ctx`` is the longest context the hooked model
     accepts (the checkpoint allows 8192). The BOS / document separator is ``<|endoftext|>``
     (id 0), SmolLM2's pre-training document separator. With ``return_hf`` also returns the
     transformers ``LlamaForCausalLM`` it was converted from (always converted, never cached).

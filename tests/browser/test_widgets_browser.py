@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, sync_playwright
+
+from tests.builders import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -161,12 +162,6 @@ def quick_copy(src: Path, dest_dir: Path, inject_fault: bool = False) -> tuple[P
 # --- JupyterLab and the browser ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Lab:
     """A JupyterLab server on a temporary root folder, and a headless Chromium page on it."""
@@ -207,7 +202,7 @@ def lab():
     news = tmp / "settings" / "@jupyterlab" / "apputils-extension"  # no "get Jupyter news?" toast on screenshots
     news.mkdir(parents=True)
     (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
-    port = _free_port()
+    port = free_port()
     log = open(tmp / "jupyterlab.log", "w")
     env = _kernel_env(tmp)
     server = subprocess.Popen(

@@ -122,11 +122,10 @@ def test_wiki_leads_are_the_packaged_text():
     assert all(t.strip() for t in docs.values())
 
 
-def test_load_corpus_caches_and_reloads(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+def test_load_corpus_caches_and_reloads(cache_dir, monkeypatch):
     cfg = CorpusConfig(vocab_size=512, n_ctx=64)
     first = load_corpus(cfg)
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in cache_dir.iterdir())
     assert files == [f"tokenizer-{first.key}.json", f"tokens-{first.key}.safetensors"]
     # held-out part is about 10 % of the documents and disjoint from the training part
     n_held, n_train = len(first.split.heldout_titles), len(first.split.train_titles)
@@ -148,5 +147,5 @@ def test_load_corpus_caches_and_reloads(tmp_path, monkeypatch):
     assert config_hash("corpus-v1", CorpusConfig(vocab_size=600).to_dict(), "x") != config_hash(
         "corpus-v1", CorpusConfig(vocab_size=512).to_dict(), "x"
     )
-    no_tmp = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    no_tmp = [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
     assert not no_tmp

@@ -85,16 +85,7 @@ def test_final_residual_is_what_the_unembedding_reads():
     assert torch.allclose(resid @ model.W_U, logits, atol=1e-5)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread (and far faster on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_training_is_deterministic_and_learns_the_max(one_thread):
+def test_training_is_deterministic_and_learns_the_max(single_thread):  # tiny models: one thread is faster
     m1, l1 = mk.train_max_of_k(small_cfg())
     m2, l2 = mk.train_max_of_k(small_cfg())
     assert l1 == l2

@@ -6,8 +6,7 @@ size (``U`` below): the tolerances are multiples of that unit, fixed from the fo
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
+from transformer_lens import utils
 
 import saelib.core.sae as sae_module
 from saelib.core.metrics import cosine_matrix, mcc
@@ -17,6 +16,7 @@ from saelib.core.train import TrainConfig, train_sae
 from saelib.data.corpus import tokenize_documents
 from saelib.lm.activations import harvest_activations
 from saelib.lm.models import LanguageModel, mean_next_token_loss
+from tests.builders import WORDS, tiny_language_model, word_level_tokenizer
 
 U = 2.0**-8  # bf16's unit roundoff
 
@@ -25,12 +25,7 @@ CPUINFO_AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_b
 CPUINFO_AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 # ------------------------------------------------------------------------------- detection
@@ -173,21 +168,12 @@ def test_bf16_needs_a_float32_sae():
 
 
 # ------------------------------------------------------------------------------- language model
-WORDS = ["<|endoftext|>", "a", "b", "c", "d", "e", "f", "g"]
-
-
 @pytest.fixture(scope="module")
 def tiny_lm() -> LanguageModel:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="a"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, d_head=8, n_heads=2, d_mlp=32, d_vocab=len(WORDS), n_ctx=16,
-                                  act_fn="gelu", normalization_type="LN", seed=0)
-    return LanguageModel("tiny", HookedTransformer(cfg).eval(), tok, 0, {})
+    return tiny_language_model(word_level_tokenizer(), n_layers=2, d_model=16, d_head=8, d_mlp=32)
 
 
-def test_bf16_harvest_has_its_own_cache_entry_and_close_activations(tiny_lm, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+def test_bf16_harvest_has_its_own_cache_entry_and_close_activations(tiny_lm, cache_dir):
     docs = tokenize_documents(["a b c d e f", "g a", "b c b c b c b c"], tiny_lm.tokenizer, 0, 12)
     hook = utils.get_act_name("resid_post", 1)
     f32 = harvest_activations(tiny_lm, docs, [hook], progress=False)

@@ -25,17 +25,13 @@ from saelib.experiments.matryoshka_probes import SplitTermMask, parent_child_spl
 from saelib.core.sae import SAE, SAEConfig
 from saelib.data.toy_data import FeatureNode, HierarchySpec, ToyHierarchy, nabeshima_tree
 from saelib.core.train import TrainConfig, train_sae
+from tests.builders import matryoshka_problem
 
 D = torch.float64
 
 
 def build_problem(batch=5, inst=3, d_sae=6, d_in=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, inst, d_in, generator=g, dtype=D)
-    acts = torch.relu(torch.randn(batch, inst, d_sae, generator=g, dtype=D))
-    W_dec = torch.randn(inst, d_sae, d_in, generator=g, dtype=D)
-    b_dec = torch.randn(inst, d_in, generator=g, dtype=D)
-    return x, acts, W_dec, b_dec
+    return matryoshka_problem(batch, inst, d_sae, d_in, D, seed)
 
 
 def sparse_weights(inst_lengths, d_sae):

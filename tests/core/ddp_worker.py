@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py (not a test module itself: run by that test with the
+"""One rank of tests/core/test_distributed.py (not a test module itself: run by that test with the
 environment ``torchrun`` would set: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
 Every rank trains the cases of :func:`cases` data-parallel over gloo. Rank 0 then leaves the

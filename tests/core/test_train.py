@@ -13,6 +13,7 @@ from saelib.core.sae import SAE, SAEConfig
 from saelib.data.toy_data import nabeshima_tree
 from saelib.core.train import History, TrainConfig, TrainingDivergedError, train_sae, wsd_lr_factor
 from saelib.core.train_parts import _permute_with_optimizer
+from tests import builders
 
 TREE = nabeshima_tree()
 
@@ -26,7 +27,7 @@ def tree_data(batch: int, g: torch.Generator) -> torch.Tensor:
 
 def build_sae_cfg(**kw) -> SAEConfig:
     """An SAE sized for the 20-feature Nabeshima tree; keyword arguments override."""
-    return SAEConfig(**{"d_in": 20, "d_sae": 20, "n_inst": 2, "seed": 0, **kw})
+    return builders.build_sae_cfg(**{"d_in": 20, "d_sae": 20, "n_inst": 2, **kw})
 
 
 def build_train_cfg(**kw) -> TrainConfig:

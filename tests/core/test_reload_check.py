@@ -6,35 +6,15 @@ import pytest
 import torch
 
 from saelib.core.persistence import check_reload, save_instances
-from saelib.core.sae import SAE, SAEConfig
+from tests.builders import random_bias_sae
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def sae_lens():
-    return pytest.importorskip("sae_lens")
-
-
-def build_sae(architecture: str = "relu") -> SAE:
-    """A 3-instance SAE with random non-zero biases (BatchTopK: a threshold per instance at the median
-    positive pre-activation, so that training-mode and inference-mode encodings differ)."""
-    sae = SAE(SAEConfig(d_in=6, d_sae=10, n_inst=3, architecture=architecture, k=3 if architecture != "relu" else None,
-                        seed=1))
-    with torch.no_grad():
-        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
-        sae.b_enc.copy_(0.2 * torch.randn_like(sae.b_enc))
-        sae.b_dec.copy_(0.5 * torch.randn_like(sae.b_dec))
-        if architecture == "batchtopk":
-            pre = sae.pre_acts(torch.randn(256, 6))  # [batch, inst, d_sae]
-            sae.threshold.copy_(torch.stack([pre[:, i][pre[:, i] > 0].median() for i in range(3)]))
-    return sae
 
 
 def test_check_reload_passes_on_saved_saes_and_keeps_the_mode(tmp_path, sae_lens):
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
     for architecture, lens_class in (("relu", "StandardSAE"), ("batchtopk", "JumpReLUSAE")):
-        sae = build_sae(architecture).train()
+        sae = random_bias_sae(architecture).train()
         folders = save_instances(sae.eval(), tmp_path / architecture)
         sae.train()  # a BatchTopK SAE in training mode keeps k per batch, not its saved threshold
         loaded = check_reload(folders[1], sae, 1, x)
@@ -43,7 +23,7 @@ def test_check_reload_passes_on_saved_saes_and_keeps_the_mode(tmp_path, sae_lens
 
 def test_check_reload_names_the_loader_that_differs(tmp_path, sae_lens, monkeypatch):
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
-    sae = build_sae()
+    sae = random_bias_sae()
     folders = save_instances(sae, tmp_path)
     with pytest.raises(AssertionError, match=r"load_sae\(.*instance_1'\) encodes differently"):
         check_reload(folders[1], sae, 0, x)  # another instance's weights

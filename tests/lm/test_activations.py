@@ -6,35 +6,22 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig, utils
+from tokenizers import Tokenizer
+from transformer_lens import utils
 
 from saelib.lm.activations import ActivationStore, harvest_activations, model_fingerprint, pad_by_document
 from saelib.data.corpus import tokenize_documents
 from saelib.lm.models import LanguageModel
-
-WORDS = ["<|endoftext|>", "a", "b", "c", "d", "e", "f", "g"]
+from tests.builders import WORDS, tiny_language_model, word_level_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="a"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tok
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
-    return tmp_path
+    return word_level_tokenizer()
 
 
 def tiny_lm(tokenizer, seed=0) -> LanguageModel:
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(n_layers=3, d_model=8, d_head=4, n_heads=2, d_mlp=16, d_vocab=len(WORDS), n_ctx=16,
-                                  act_fn="gelu", normalization_type="LN", seed=seed)
-    model = HookedTransformer(cfg).eval()
-    return LanguageModel("tiny", model, tokenizer, 0, {})
+    return tiny_language_model(tokenizer, n_layers=3, d_model=8, d_head=4, d_mlp=16, seed=seed)
 
 
 TEXTS = ["a b c d e f", "g", "b b b b b b b b b b b b b b b b b b b b", "", "c d"]
@@ -75,7 +62,7 @@ def test_pad_by_document_round_trip():
         pad_by_document(values[:5], lengths)
 
 
-def test_harvest_matches_each_document_alone_in_document_order(tokenizer, cache):
+def test_harvest_matches_each_document_alone_in_document_order(tokenizer, cache_dir):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     hooks = [utils.get_act_name("resid_post", 0), utils.get_act_name("normalized", 1, "ln2")]
@@ -95,7 +82,7 @@ def test_harvest_matches_each_document_alone_in_document_order(tokenizer, cache)
     assert padded.shape == (4, 8, 8) and torch.equal(padded[1, 2:], torch.zeros(6, 8))
 
 
-def test_harvest_stops_after_the_deepest_hook_and_reads_the_cache(tokenizer, cache, monkeypatch):
+def test_harvest_stops_after_the_deepest_hook_and_reads_the_cache(tokenizer, cache_dir, monkeypatch):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     hook = utils.get_act_name("resid_post", 0)
@@ -123,7 +110,7 @@ def test_harvest_stops_after_the_deepest_hook_and_reads_the_cache(tokenizer, cac
     assert model_fingerprint(other.model) != model_fingerprint(lm.model)
 
 
-def test_harvest_of_hooks_in_two_blocks_stops_after_the_deeper_one(tokenizer, cache):
+def test_harvest_of_hooks_in_two_blocks_stops_after_the_deeper_one(tokenizer, cache_dir):
     lm = tiny_lm(tokenizer)  # 3 blocks
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     hooks = [utils.get_act_name("resid_mid", 0), utils.get_act_name("mlp_out", 1)]
@@ -141,7 +128,7 @@ def test_harvest_of_hooks_in_two_blocks_stops_after_the_deeper_one(tokenizer, ca
     assert len(store.rows()) == docs.n_tokens - len(docs) and len(store.rows(skip_bos=False)) == docs.n_tokens
 
 
-def test_interrupted_harvest_leaves_no_finished_folder(tokenizer, cache, monkeypatch):
+def test_interrupted_harvest_leaves_no_finished_folder(tokenizer, cache_dir, monkeypatch):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     real = lm.model.run_with_hooks
@@ -156,10 +143,10 @@ def test_interrupted_harvest_leaves_no_finished_folder(tokenizer, cache, monkeyp
     monkeypatch.setattr(lm.model, "run_with_hooks", fail_second)
     with pytest.raises(KeyboardInterrupt):
         harvest_activations(lm, docs, [utils.get_act_name("resid_post", 0)], tokens_per_batch=8, progress=False)
-    assert list(cache.glob("acts-*")) == []
+    assert list(cache_dir.glob("acts-*")) == []
 
 
-def test_sampler_scales_and_skips_bos_and_moments_match(tokenizer, cache):
+def test_sampler_scales_and_skips_bos_and_moments_match(tokenizer, cache_dir):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     h_in, h_out = utils.get_act_name("normalized", 1, "ln2"), utils.get_act_name("mlp_out", 1)
@@ -184,7 +171,7 @@ def test_sampler_scales_and_skips_bos_and_moments_match(tokenizer, cache):
         store["blocks.0.hook_mlp_out"]
 
 
-def test_harvest_rejects_bad_input(tokenizer, cache):
+def test_harvest_rejects_bad_input(tokenizer, cache_dir):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     with pytest.raises(ValueError, match="not in the model"):
@@ -197,7 +184,7 @@ def test_harvest_rejects_bad_input(tokenizer, cache):
         harvest_activations(lm, docs, ["blocks.0.hook_mlp_out"], tokens_per_batch=4, progress=False)
 
 
-def test_store_reopens_from_its_folder(tokenizer, cache):
+def test_store_reopens_from_its_folder(tokenizer, cache_dir):
     lm = tiny_lm(tokenizer)
     docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
     store = harvest_activations(lm, docs, ["blocks.0.hook_mlp_out"], progress=False)

@@ -14,6 +14,7 @@ from scipy.stats import chi2
 
 import saelib.core.matryoshka as mat
 from saelib.core.matryoshka import MatryoshkaConfig, latent_weights, matryoshka_loss, prefix_weights
+from tests.builders import matryoshka_problem
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
@@ -21,13 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests
 
 def build_problem(batch=6, inst=3, d_sae=7, d_in=4, dtype=torch.float64, seed=0):
     """Random (x, acts, W_dec, b_dec) with about half the activations exactly zero."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, inst, d_in, generator=g, dtype=dtype)
-    acts = torch.relu(torch.randn(batch, inst, d_sae, generator=g, dtype=dtype))
-    assert (acts == 0).any() and (acts > 0).any()
-    W_dec = torch.randn(inst, d_sae, d_in, generator=g, dtype=dtype)
-    b_dec = torch.randn(inst, d_in, generator=g, dtype=dtype)
-    return x, acts, W_dec, b_dec
+    return matryoshka_problem(batch, inst, d_sae, d_in, dtype, seed)
 
 
 def naive_prefix_errors(x, acts, W_dec, b_dec, lengths):

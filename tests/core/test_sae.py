@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from saelib.core.sae import SAE, SAEConfig
+from tests.builders import build_sae_cfg
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
-
-
-def build_sae_cfg(**kw) -> SAEConfig:
-    """A small SAE config; keyword arguments override the defaults."""
-    return SAEConfig(**{"d_in": 5, "d_sae": 7, "n_inst": 3, "seed": 0, **kw})
 
 
 def randomize_biases(sae: SAE, seed: int = 1) -> SAE:

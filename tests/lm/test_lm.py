@@ -42,14 +42,13 @@ def tiny_corpus() -> TextCorpus:
     return TextCorpus(TINY_CORPUS, tok, 0, train, held, split, key="tinykey")
 
 
-def test_default_model_trains_caches_and_reloads(tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+def test_default_model_trains_caches_and_reloads(tiny_corpus, cache_dir, monkeypatch):
     cfg = tiny_cfg()
     first = load_default_model(cfg, tiny_corpus, progress=False)
     assert first.info["trained_now"] is True
     losses = first.info["train_loss_every_10"]
     assert losses[-1] < losses[0] - 1.0  # it learned the repetitive text
-    folder = tmp_path / next(p.name for p in tmp_path.iterdir() if p.name.startswith("lm-default-"))
+    folder = cache_dir / next(p.name for p in cache_dir.iterdir() if p.name.startswith("lm-default-"))
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
 
     def boom(*a, **k):
@@ -160,8 +159,7 @@ def test_hook_layer():
     assert hook_layer("ln_final.hook_normalized") is None
 
 
-def test_model_token_sets_default_rows_come_from_the_corpus(tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
+def test_model_token_sets_default_rows_come_from_the_corpus(tiny_corpus, cache_dir):
     lm = load_default_model(tiny_cfg(steps=2), tiny_corpus, progress=False)
     train, held = model_token_sets(lm, tiny_corpus, 5, 2, seed=1)
     rows = {tuple(r) for r in tiny_corpus.train_tokens.tolist()}
@@ -221,11 +219,10 @@ def test_smollm2_second_load_reads_the_converted_cache(smollm2, monkeypatch):
         assert torch.equal(again.model(ids), lm.model(ids))
 
 
-def test_smollm2_loss_recovered_one_layer(smollm2, tmp_path, monkeypatch):
+def test_smollm2_loss_recovered_one_layer(smollm2, cache_dir):
     from saelib.data.corpus import tokenize_documents
     from saelib.experiments.sparse_mlp import SparseMLPConfig, sparse_mlp_sweep
 
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))  # the harvest's cache
     lm, _ = smollm2
     split = split_documents(load_wiki_leads())
     train = tokenize_documents(split.train_texts[:48], lm.tokenizer, lm.bos_id, 64)

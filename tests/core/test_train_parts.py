@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saelib.core.matryoshka import MatryoshkaConfig, PerInstanceMatryoshka, latent_weights, matryoshka_loss
-from saelib.core.sae import SAE, SAEConfig
+from saelib.core.sae import SAE
 from saelib.core.train import History
 from saelib.core.train_parts import (
     DeadLatentResampler,
@@ -14,12 +14,13 @@ from saelib.core.train_parts import (
     SparsityPenalty,
     step_loss,
 )
+from tests.builders import build_sae_cfg
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors: see tests/conftest.py
 
 
 def build_sae(**kw) -> SAE:
-    return SAE(SAEConfig(**{"d_in": 5, "d_sae": 6, "n_inst": 2, "seed": 0, **kw}))
+    return SAE(build_sae_cfg(**{"d_sae": 6, "n_inst": 2, **kw}))
 
 
 def batch(n=8, d=5, seed=0):

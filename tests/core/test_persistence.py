@@ -18,34 +18,14 @@ import saelib.core.io
 from saelib.core.io import remove_stale_temp_files, remove_stale_temp_folders
 from saelib.core.persistence import CFG_FILENAME, WEIGHTS_FILENAME, load_sae, sae_lens_folder, save_instances, save_sae
 from saelib.core.sae import SAE, SAEConfig
+from tests.builders import random_bias_sae
 
 D_IN, D_SAE, N_INST, INST = 6, 10, 3, 2
 
 
-@pytest.fixture(scope="module")
-def sae_lens():
-    return pytest.importorskip("sae_lens")
-
-
-def build_sae(architecture="relu", *, k=None, d_out=None, apply_b_dec_to_input=True, use_b_dec=True,
-              trained_threshold=True) -> SAE:
-    """A 3-instance SAE with random non-zero biases; BatchTopK gets a threshold per instance at
-    the median positive pre-activation, so the threshold visibly changes the output."""
-    if architecture != "relu" and k is None:
-        k = 3
-    cfg = SAEConfig(d_in=D_IN, d_sae=D_SAE, n_inst=N_INST, architecture=architecture, k=k, d_out=d_out,
-                    apply_b_dec_to_input=apply_b_dec_to_input, use_b_dec=use_b_dec, seed=1)
-    sae = SAE(cfg)
-    with torch.no_grad():
-        sae.W_enc.add_(0.3 * torch.randn_like(sae.W_enc))
-        sae.W_dec.add_(0.3 * torch.randn_like(sae.W_dec))
-        sae.b_enc.copy_(0.2 * torch.randn_like(sae.b_enc))
-        if use_b_dec:
-            sae.b_dec.copy_(0.5 * torch.randn_like(sae.b_dec))
-        if architecture == "batchtopk" and trained_threshold:
-            pre = sae.pre_acts(torch.randn(256, D_IN))  # [batch, inst, d_sae]
-            sae.threshold.copy_(torch.stack([pre[:, i][pre[:, i] > 0].median() for i in range(N_INST)]))
-    return sae.eval()
+def build_sae(architecture="relu", **kw) -> SAE:
+    """A 3-instance SAE of the sizes above with random non-zero biases (tests.builders)."""
+    return random_bias_sae(architecture, d_in=D_IN, d_sae=D_SAE, n_inst=N_INST, **kw)
 
 
 def assert_same_state(a: SAE, b: SAE) -> None:
@@ -540,15 +520,14 @@ def _train_cfg(steps=20, seed=0):
     return TrainConfig(steps=steps, batch_size=32, lr=1e-2, l1_coeff=0.1, seed=seed, progress=False)
 
 
-def test_load_or_train_trains_once_then_loads_the_same_weights(tmp_path, monkeypatch):
+def test_load_or_train_trains_once_then_loads_the_same_weights(cache_dir, monkeypatch):
     import saelib.core.train
     from saelib.core.persistence import load_or_train
 
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     data = torch.randn(500, D_IN)
     new = lambda: SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, seed=3))  # noqa: E731
     sae, folder, now = load_or_train(new(), data, _train_cfg(), "data-a", metadata={"hook_name": "h"})
-    assert now and folder.parent == tmp_path
+    assert now and folder.parent == cache_dir
     assert not torch.equal(sae.W_enc, new().W_enc)  # it was trained
 
     def no_training(*args, **kwargs):
@@ -562,10 +541,9 @@ def test_load_or_train_trains_once_then_loads_the_same_weights(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("change", ["steps", "seed", "data_key", "d_sae"])
-def test_load_or_train_key_changes_with_config_data_and_init(tmp_path, monkeypatch, change):
+def test_load_or_train_key_changes_with_config_data_and_init(cache_dir, change):
     from saelib.core.persistence import load_or_train
 
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     data = torch.randn(300, D_IN)
     _, base, _ = load_or_train(SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE)), data, _train_cfg(), "a")
     d_sae = D_SAE + 1 if change == "d_sae" else D_SAE
@@ -575,10 +553,9 @@ def test_load_or_train_key_changes_with_config_data_and_init(tmp_path, monkeypat
     assert now and other != base
 
 
-def test_load_or_train_refuses_several_instances(tmp_path, monkeypatch):
+def test_load_or_train_refuses_several_instances(cache_dir):
     from saelib.core.persistence import load_or_train
 
-    monkeypatch.setenv("SAELIB_CACHE_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="n_inst=3"):
         load_or_train(build_sae("relu"), torch.randn(10, D_IN), _train_cfg(), "a")
 

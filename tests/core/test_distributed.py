@@ -18,7 +18,6 @@ boundary) would differ by O(0.01 .. 1) and fail, as it should.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +26,10 @@ import pytest
 import torch
 
 from saelib.core.distributed import DataParallel, data_parallel
+from tests.builders import free_port
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS, BATCH, LR, K = 20, 64, 3e-2, 100  # as in ddp_worker.py
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 
@@ -38,15 +38,9 @@ def atol_for(dtype: torch.dtype) -> float:
     return K * STEPS * LR * 2 * (BATCH - 1) * UNIT_ROUNDOFF[dtype]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
-    """Run tests/ddp_worker.py as 2 gloo ranks (what ``torchrun --nproc_per_node=2`` sets up);
+    """Run tests/core/ddp_worker.py as 2 gloo ranks (what ``torchrun --nproc_per_node=2`` sets up);
     killed after 50 s so CI can never hang."""
     out = tmp_path_factory.mktemp("ddp") / "result.pt"
     port = free_port()

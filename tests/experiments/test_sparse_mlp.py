@@ -1,6 +1,7 @@
-"""Tests for saelib.experiments.sparse_mlp: penalty bookkeeping, normalisation folding, splicing (exact
-copies of the MLP, zero and mean outputs must reproduce the original / ablated losses computed
-by hand), neuron cosines and training on a synthetic MLP."""
+"""Tests for saelib.experiments.sparse_mlp, with the SparseMLP, fold_scales and hook names of
+saelib.core.transcoder that it trains and splices in: penalty bookkeeping, normalisation folding,
+splicing (exact copies of the MLP, zero and mean outputs must reproduce the original / ablated
+losses computed by hand), neuron cosines and training on a synthetic MLP."""
 
 import math
 

@@ -1,0 +1,1 @@
+"""The notebooks' widgets in a real browser (run by make test-browser only)."""

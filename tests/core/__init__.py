@@ -1,0 +1,1 @@
+"""Tests of saelib.core (the SAE, its training, losses, metrics and saves)."""

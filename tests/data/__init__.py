@@ -1,0 +1,1 @@
+"""Tests of saelib.data (toy hierarchies and the text corpus)."""

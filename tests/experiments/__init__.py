@@ -1,0 +1,1 @@
+"""Tests of saelib.experiments (absorption, hedging, claims, sparse MLPs and the other experiments)."""

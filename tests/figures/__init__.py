@@ -1,0 +1,1 @@
+"""Tests of saelib.figures (plotting and saved figures)."""

@@ -1,0 +1,1 @@
+"""Tests of saelib.lm (language models and activation harvesting)."""

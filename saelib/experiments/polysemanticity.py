@@ -101,14 +101,16 @@ def sequence_latents(
 ) -> Float[Tensor, "n_seq pos d_sae"]:
     """Latent activations of one SAE instance on every token of ``acts`` (BOS included),
     encoding ``scale * acts`` in batches of ``batch_size`` tokens (``scale``: the normalisation
-    the SAE was trained with). Raises ValueError if ``acts`` is not 3-D or ``instance`` is out of
-    range."""
+    the SAE was trained with) on the SAE's device; returned on the CPU. Raises ValueError if
+    ``acts`` is not 3-D or ``instance`` is out of range."""
     if acts.ndim != 3:
         raise ValueError(f"acts must be [n_seq, pos, d_in], got shape {tuple(acts.shape)}")
     if not (0 <= instance < sae.n_inst):
         raise ValueError(f"instance {instance} out of range for n_inst={sae.n_inst}")
     flat = acts.reshape(-1, acts.shape[-1])
-    out = torch.cat([sae.encode(scale * flat[i : i + batch_size])[:, instance] for i in range(0, len(flat), batch_size)])
+    dev = sae.W_enc.device
+    out = torch.cat([sae.encode(scale * flat[i : i + batch_size].to(dev))[:, instance].cpu()
+                     for i in range(0, len(flat), batch_size)])
     return out.view(acts.shape[0], acts.shape[1], -1)
 
 
@@ -123,7 +125,8 @@ def encode_latents(
 ) -> Float[Tensor, "n_tok n_latents"]:
     """Activations of the chosen ``latents`` (all when None) of one SAE instance on the rows of
     ``x`` (e.g. a memory-mapped :class:`saelib.lm.activations.ActivationStore` array, read in
-    batches of ``batch_size`` rows and encoded as ``scale * x`` in float32).
+    batches of ``batch_size`` rows and encoded as ``scale * x`` in float32 on the SAE's device);
+    returned on the CPU.
 
     For a ReLU SAE only the chosen encoder columns are computed (a latent's activation does not
     depend on the others); TopK / BatchTopK SAEs are encoded in full, then the columns taken.
@@ -145,11 +148,11 @@ def encode_latents(
     shift = sae.b_dec[instance] if sae.cfg.apply_b_dec_to_input else torch.zeros_like(sae.b_dec[instance])
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].float() * scale
+        xb = x[i : i + batch_size].to(W.device).float() * scale
         if relu:
-            out.append(torch.relu((xb - shift) @ W + b))
+            out.append(torch.relu((xb - shift) @ W + b).cpu())
         else:
-            out.append(sae.encode(xb)[:, instance][:, idx])
+            out.append(sae.encode(xb)[:, instance][:, idx].cpu())
     return torch.cat(out) if out else torch.zeros(0, len(idx))
 
 
@@ -170,8 +173,9 @@ def sae_statistics(
     (active latents, :func:`saelib.core.metrics.active`) and :func:`saelib.core.metrics.fvu`
     (error over variance about the mean of the kept rows; streamed here in float64 as
     ``sum ||x||² - ||sum x||² / n``, so not bit-equal to it), in the SAE's input units
-    (``scale * x``). Returns ``{"L0": float, "FVU": float, "density": Tensor[d_sae],
-    "dead_frac": float, "n_tokens": int}``.
+    (``scale * x``). Batches are encoded on the SAE's device; the sums are kept on the CPU.
+    Returns ``{"L0": float, "FVU": float, "density": Tensor[d_sae] (CPU), "dead_frac": float,
+    "n_tokens": int}``.
 
     Raises ValueError if ``x`` is not ``[n_tok, d_in]``, ``keep`` has another length, no row
     is kept, or the kept rows have zero variance.
@@ -190,16 +194,16 @@ def sae_statistics(
     n_active, err = 0.0, 0.0
     s1, s2 = torch.zeros(d_in, dtype=torch.float64), 0.0
     for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size][keep[i : i + batch_size]].float() * scale
+        xb = x[i : i + batch_size][keep[i : i + batch_size]].to(sae.W_enc.device).float() * scale
         if len(xb) == 0:
             continue
         x_hat, a = sae(xb)
         a, x_hat = a[:, instance], x_hat[:, instance]
         on = active(a)  # [b, d_sae]
-        fired += on.sum(0).double()
+        fired += on.sum(0).double().cpu()
         n_active += float(on.sum())
         err += float((xb - x_hat).double().pow(2).sum())
-        s1 += xb.double().sum(0)
+        s1 += xb.double().sum(0).cpu()
         s2 += float(xb.double().pow(2).sum())
     var = s2 - float(s1.pow(2).sum()) / n
     if not var > 0:

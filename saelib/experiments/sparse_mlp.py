@@ -421,8 +421,8 @@ class SparseMLPSweep:
     Attributes:
         sparse_mlps: the trained sparse MLPs (one SAE instance per ``S``).
         results: spliced losses on the held-out sequences.
-        best_cos: ``{"enc" | "dec": [Tensor[n_alive] per S]}``, each alive sparse neuron's best
-            cosine with an original neuron (:func:`max_neuron_cosines`).
+        best_cos: ``{"enc" | "dec": [Tensor[n_alive] per S]}`` (on the CPU), each alive sparse
+            neuron's best cosine with an original neuron (:func:`max_neuron_cosines`).
         alive_frac: per ``S``, fraction of sparse neurons that fired on the training tokens.
         seconds: wall time of activation collection, training and evaluation.
     """
@@ -478,7 +478,7 @@ def sparse_mlp_sweep(
         for i in range(0, len(x), 2048):
             alive |= active(sm.latents(x[i : i + 2048])).any(0)
         cos = neuron_cosines(model, sm)
-        out.best_cos[layer] = {part: max_neuron_cosines(cos[part], alive) for part in ("enc", "dec")}
+        out.best_cos[layer] = {part: [v.cpu() for v in max_neuron_cosines(cos[part], alive)] for part in ("enc", "dec")}
         out.alive_frac[layer] = alive.float().mean(-1).tolist()
         out.sparse_mlps[layer] = sm
         out.seconds["collect"] += t1 - t0

@@ -313,7 +313,7 @@ def harvest_activations(
         for rows in batches:
             width = int(lengths[rows[0]])
             with autocast(precision, device):
-                model.run_with_hooks(docs.tokens[rows, :width], fwd_hooks=[(h, keep) for h in hooks],
+                model.run_with_hooks(docs.tokens[rows, :width].to(device), fwd_hooks=[(h, keep) for h in hooks],
                                      stop_at_layer=stop, return_type=None)
             for h in hooks:
                 act = current[h]

@@ -54,6 +54,7 @@ __all__ = [
     "DefaultModelConfig",
     "LanguageModel",
     "SMOLLM2_GGUF",
+    "SMOLLM2_DESCRIPTION",
     "train_language_model",
     "load_default_model",
     "smollm2_gguf_path",
@@ -66,6 +67,7 @@ __all__ = [
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DESCRIPTION = "SmolLM2-135M-Instruct (Q4 GGUF, float32)"  # LanguageModel.description of load_smollm2's model
 DEFAULT_NAMES = ("default",)
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "SmolLM2-135M", "SmolLM2-135M-Instruct")
 
@@ -153,7 +155,7 @@ class LanguageModel:
         tokenizer: a ``tokenizers.Tokenizer`` (the fast backend of the model's tokenizer).
         bos_id: token that starts every sequence and separates documents.
         info: provenance (cache folder, whether it was trained in this call, training seconds,
-            corpus key, final training loss ...).
+            corpus key, final training loss, ``"description"`` ...).
     """
 
     name: str
@@ -161,6 +163,12 @@ class LanguageModel:
     tokenizer: Tokenizer
     bos_id: int
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def description(self) -> str:
+        """A one-line provenance of the model for saved metadata: ``info["description"]`` if
+        set (e.g. ``"SmolLM2-135M-Instruct (Q4 GGUF, float32)"``), else :attr:`name`."""
+        return self.info.get("description", self.name)
 
     def decode(self, ids: Sequence[int]) -> list[str]:
         """One string per token id."""
@@ -348,7 +356,7 @@ def load_smollm2(
                       version("transformer-lens"))
     folder = cache_dir() / f"smollm2-{key}"
     weights_path, tok_path, cfg_path = folder / "model.safetensors", folder / "tokenizer.json", folder / "config.json"
-    info = {"gguf": str(path), "gguf_sha256": digest, "cache_folder": str(folder)}
+    info = {"gguf": str(path), "gguf_sha256": digest, "cache_folder": str(folder), "description": SMOLLM2_DESCRIPTION}
     if use_cache and not return_hf and cfg_path.exists() and weights_path.exists() and tok_path.exists():
         hf_config = LlamaConfig.from_dict(json.loads(cfg_path.read_text())["hf_config"])
         model = HookedTransformer(_llama_hooked_config(hf_config, n_ctx, device))
@@ -390,7 +398,11 @@ def load_model(
     filled Hugging Face cache). ``corpus`` is used by the default model only; other keyword
     arguments go to the loader.
 
-    Raises ValueError if a hub model's tokenizer has no fast (``tokenizers``) backend.
+    A hub model's BOS / document separator is its tokenizer's BOS token, or its EOS token where
+    it has no BOS (GPT-2: both are ``<|endoftext|>``, id 50256).
+
+    Raises ValueError if a hub model's tokenizer has no fast (``tokenizers``) backend, or neither
+    a BOS nor an EOS token.
     """
     if name in DEFAULT_NAMES:
         return load_default_model(corpus=corpus, device=device, **kwargs)
@@ -403,6 +415,8 @@ def load_model(
     if tokenizer is None:
         raise ValueError(f"model {name!r} has no fast tokenizer (got {type(hf_tok).__name__})")
     bos = hf_tok.bos_token_id if hf_tok.bos_token_id is not None else hf_tok.eos_token_id
+    if bos is None:
+        raise ValueError(f"model {name!r}'s tokenizer has neither a BOS nor an EOS token to start documents with")
     return LanguageModel(name, model, tokenizer, int(bos), {})
 
 

@@ -31,18 +31,51 @@ within that band is *within the seed noise*: recorded as such, printed as such, 
 to stay near its bound (:func:`check_claims`). Seen on this project's toy notebooks under
 ``ATEN_CPU_CAPABILITY=default``: medians of 8 seeds moved by up to 2.2 standard errors, and an
 all-seed count went from 8 of 8 to 7 of 8.
+
+**Uncertainty from the data.** A real-model claim rests on one trained model, so it has no seed
+spread; its uncertainty comes from the held-out data instead: a percentile bootstrap over documents
+(:func:`bootstrap_ci`; :func:`bootstrap_ratio_ci` for a ratio of two per-document sums such as loss
+recovered). :func:`approx`, :func:`between`, :func:`above` and :func:`below` take such a
+:class:`ConfidenceInterval` in place of the seed values and use it as the toy claims use the seed
+spread: a direction claim holds when the whole interval clears the bound, an ``≈`` / range claim
+when the interval (widened by the published precision) reaches the published value or range. The
+interval's standard error, ``(high - low) / (2 z)`` with ``z`` the normal quantile of its level,
+plays the part of the seed standard error in the noise band above. (A 95 % interval is about
+two standard errors each side, like the seed tolerance.)
+
+**Convergence is part of the claim.** A real-model claim's statistic is measured at three or more
+checkpoints of one training run (for example after 1/4, 1/2 and all of the tokens), building the
+same claim at each, and :func:`converged` joins them into one claim. It is decided (reproduced /
+NOT reproduced, or within the noise) only when its **last two points agree**: ``|last - previous|
+<= 2 · se`` with ``se`` the standard error at the last point (from the seed spread or the
+interval: about its tolerance); a boolean finding's last two verdicts must be the same. Otherwise
+its verdict is **undecided at this scale**: :func:`check_claims` asserts it stays undecided (the
+run that records it lists it in ``undecided``), its verdict line says so with no digit, and
+``Claim.decided_by`` says what scale would decide it ("more training tokens than N", with a
+geometric extrapolation of the shrinking steps where the curve is levelling off, marked as one).
+A statistic with no uncertainty (one value, no interval) converges only when its last two points
+are equal: give it an interval.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 __all__ = [
     "Claim",
+    "ConfidenceInterval",
+    "bootstrap_ci",
+    "bootstrap_ratio_ci",
+    "converged",
     "seed_median",
     "seed_tolerance",
     "seed_spread",
@@ -80,6 +113,9 @@ NOISE_BAND_SE = 2 * NOISE_MARGIN_SE
 
 def _values(name: str, values: Iterable[float] | np.ndarray) -> np.ndarray:
     """Seed values as a 1-D float array; rejects empty and non-finite input naming the claim."""
+    if isinstance(values, ConfidenceInterval):
+        raise TypeError(f"claim {name!r}: takes seed values, not a confidence interval (approx, between, above "
+                        "and below take one)")
     if not hasattr(values, "__len__"):
         values = list(values)  # a generator
     try:
@@ -115,10 +151,196 @@ def seed_spread(values: Iterable[float]) -> float:
     return _MAD_TO_SD * float(np.median(np.abs(arr - np.median(arr))))
 
 
-def _median_and_tolerance(text: str, values: Iterable[float]) -> tuple[np.ndarray, float, float]:
-    """``(values as an array, their median, seed_tolerance)``, validated under the claim's name."""
+@dataclass(frozen=True)
+class ConfidenceInterval:
+    """A statistic on the full sample with a percentile-bootstrap interval (:func:`bootstrap_ci`).
+
+    Attributes:
+        estimate: the statistic on all the documents, in its own units.
+        low, high: the interval's ends (``low <= high``), the ``(1 - level) / 2`` and
+            ``(1 + level) / 2`` quantiles of the statistic over resampled documents.
+        level: the interval's coverage, in (0, 1) (0.95 for a 95 % interval).
+        n: number of documents resampled.
+        n_boot: number of bootstrap resamples.
+
+    Raises ValueError for non-finite ends, ``low > high`` or a level outside (0, 1).
+    """
+
+    estimate: float
+    low: float
+    high: float
+    level: float
+    n: int
+    n_boot: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.level < 1:
+            raise ValueError(f"level must be in (0, 1), got {self.level!r}")
+        if not all(math.isfinite(v) for v in (self.estimate, self.low, self.high)):
+            raise ValueError(f"non-finite interval: estimate {self.estimate}, [{self.low}, {self.high}]")
+        if self.low > self.high:
+            raise ValueError(f"interval low {self.low} > high {self.high}")
+
+    @property
+    def se(self) -> float:
+        """The standard error the interval implies for a normal statistic: ``(high - low) / (2 z)``,
+        ``z`` the normal quantile of ``(1 + level) / 2`` (1.96 for 95 %)."""
+        return (self.high - self.low) / (2 * NormalDist().inv_cdf((1 + self.level) / 2))
+
+
+def _per_document(name: str, values: object) -> np.ndarray:
+    """One number per document as a 1-D float64 array; rejects empty, non-finite and non-1-D input."""
+    if hasattr(values, "detach"):  # a torch tensor (any device or dtype)
+        values = values.detach().cpu().double().numpy()
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be numbers, got {values!r}") from err
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D [n_documents], got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty: need at least one document")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} has non-finite values at documents {np.flatnonzero(~np.isfinite(arr)).tolist()[:5]}")
+    return arr
+
+
+def _check_boot(n_boot: int, level: float) -> None:
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+
+
+def _resampled_indices(n: int, n_boot: int, seed: int) -> Iterable[np.ndarray]:
+    """Bootstrap resamples of ``n`` documents, drawn with replacement: ``[rows, n]`` index blocks
+    (``n_boot`` rows in all, a few million indices per block to bound memory)."""
+    rng = np.random.default_rng(seed)
+    rows = max(1, 2**22 // n)
+    for start in range(0, n_boot, rows):
+        yield rng.integers(0, n, size=(min(rows, n_boot - start), n))
+
+
+def _interval(estimate: float, boot: np.ndarray, level: float, n: int) -> ConfidenceInterval:
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return ConfidenceInterval(float(estimate), float(low), float(high), float(level), n, boot.size)
+
+
+def _ratio_of_sums(numerator: np.ndarray, denominator: np.ndarray, n_boot: int, level: float,
+                   seed: int) -> ConfidenceInterval:
+    """``sum(numerator) / sum(denominator)`` with its interval, documents resampled together."""
+    total = denominator.sum()
+    if total == 0:
+        raise ValueError("the denominator sums to 0 over the documents: the ratio is undefined")
+    boot = []
+    for idx in _resampled_indices(numerator.size, n_boot, seed):  # idx: [rows, n_documents]
+        den = denominator[idx].sum(1)
+        if (den == 0).any():
+            raise ValueError("the denominator sums to 0 in a bootstrap resample: the ratio is undefined there")
+        boot.append(numerator[idx].sum(1) / den)
+    return _interval(numerator.sum() / total, np.concatenate(boot), level, numerator.size)
+
+
+def bootstrap_ci(
+    per_document: Sequence[float] | np.ndarray | Tensor,
+    weights: Sequence[float] | np.ndarray | Tensor | None = None,
+    statistic: Callable[..., float] | None = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> ConfidenceInterval:
+    """Percentile-bootstrap confidence interval of a statistic over documents (Efron & Tibshirani
+    1993, *An Introduction to the Bootstrap*, ch. 13).
+
+    ``per_document``: ``[n_documents]``, one number per held-out document (tokens of one document
+    are not independent, so documents, not tokens, are resampled). ``n_boot`` resamples of
+    ``n_documents`` documents are drawn with replacement (numpy generator seeded with ``seed``); the
+    interval is the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the statistic over
+    them; ``estimate`` is the statistic on all documents.
+
+    The statistic: by default the mean; with ``weights`` (``[n_documents]``, >= 0, e.g. each
+    document's number of predicted tokens), the weighted mean ``sum(w x) / sum(w)``, so a document's
+    mean loss per token with its token count as weight gives the mean loss per predicted token,
+    ``sum(loss) / sum(count)``. A custom ``statistic`` is called on each resample as
+    ``statistic(values)``, or ``statistic(values, weights)`` when weights are given, and must return
+    a finite number. For a ratio of two per-document sums see :func:`bootstrap_ratio_ci`.
+
+    Raises ValueError for empty, non-finite or non-1-D input, weights of another length, negative or
+    summing to 0, ``n_boot < 1``, a level outside (0, 1), or a non-finite statistic.
+    """
+    _check_boot(n_boot, level)
+    x = _per_document("per_document", per_document)
+    w = None
+    if weights is not None:
+        w = _per_document("weights", weights)
+        if w.shape != x.shape:
+            raise ValueError(f"weights has {w.size} documents but per_document has {x.size}")
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got min {w.min()} and sum {w.sum()}")
+    if statistic is None:
+        return _ratio_of_sums(x * w if w is not None else x, w if w is not None else np.ones_like(x),
+                              n_boot, level, seed)
+
+    def stat(idx: np.ndarray) -> float:
+        value = float(statistic(x[idx]) if w is None else statistic(x[idx], w[idx]))
+        if not math.isfinite(value):
+            raise ValueError(f"statistic returned a non-finite value {value}")
+        return value
+
+    boot = np.array([stat(row) for idx in _resampled_indices(x.size, n_boot, seed) for row in idx])
+    return _interval(stat(np.arange(x.size)), boot, level, x.size)
+
+
+def bootstrap_ratio_ci(
+    numerator: Sequence[float] | np.ndarray | Tensor,
+    denominator: Sequence[float] | np.ndarray | Tensor,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> ConfidenceInterval:
+    """Percentile-bootstrap interval of ``sum(numerator) / sum(denominator)``, documents resampled
+    together (:func:`bootstrap_ci` for the method).
+
+    ``numerator``, ``denominator``: ``[n_documents]``, each document's sum over its predicted
+    tokens. Loss recovered, ``(L_ablated - L_spliced) / (L_ablated - L_original)`` with mean losses
+    per predicted token, is the ratio of the per-document sums of ``loss_ablated - loss_spliced`` and
+    of ``loss_ablated - loss_original`` (the token count cancels). ``estimate`` is the plain ratio on
+    all documents.
+
+    Raises ValueError as :func:`bootstrap_ci`, if the lengths differ, or if the denominator sums to
+    0 over all documents or in a resample.
+    """
+    _check_boot(n_boot, level)
+    num, den = _per_document("numerator", numerator), _per_document("denominator", denominator)
+    if num.shape != den.shape:
+        raise ValueError(f"numerator has {num.size} documents but denominator has {den.size}")
+    return _ratio_of_sums(num, den, n_boot, level, seed)
+
+
+@dataclass(frozen=True)
+class _Statistic:
+    """A claim's statistic with its uncertainty: ``down`` / ``up`` how far it may plausibly lie below
+    / above ``measured`` (the seed tolerance both ways, or the distance to an interval's ends)."""
+
+    measured: float
+    down: float
+    up: float
+    tolerance: float
+    se: float
+    n_seeds: int
+    interval: ConfidenceInterval | None = None
+
+
+def _statistic(text: str, values: Iterable[float] | ConfidenceInterval) -> _Statistic:
+    """The median over seeds with ``seed_tolerance`` both ways, or a bootstrap interval's estimate
+    with the distances to its ends (one trained model: ``n_seeds = 1``)."""
+    if isinstance(values, ConfidenceInterval):
+        ci = values
+        return _Statistic(ci.estimate, ci.estimate - ci.low, ci.high - ci.estimate, (ci.high - ci.low) / 2, ci.se,
+                          1, ci)
     arr = _values(text, values)
-    return arr, float(np.median(arr)), seed_tolerance(arr)
+    tol = seed_tolerance(arr)
+    return _Statistic(float(np.median(arr)), tol, tol, tol, tol / 2, arr.size)
 
 
 @dataclass(frozen=True)
@@ -146,6 +368,15 @@ class Claim:
         judged: False for a ``full_size`` claim measured in a quick run (``SAELIB_QUICK=1``):
             its statistic is shown but not asserted, and its verdict line repeats the one
             recorded by the full run.
+        interval: the bootstrap interval the statistic and tolerance come from (one trained model;
+            ``n_seeds`` is then 1), or None for a statistic over seeds.
+        curve: the statistic at each checkpoint of the training run, oldest first (the last is
+            ``measured``); empty for a claim measured once (:func:`converged`).
+        tokens: training tokens seen at each point of ``curve``.
+        converged: False when the last two points of ``curve`` disagree: the claim is *undecided at
+            this scale* whatever ``holds`` says. True for a claim without a curve.
+        decided_by: for an unconverged claim, what scale would decide it ("more training tokens
+            than N", with an extrapolation where one is possible); empty otherwise.
     """
 
     text: str
@@ -159,6 +390,17 @@ class Claim:
     se: float = 0.0
     full_size: bool = False
     judged: bool = True
+    interval: ConfidenceInterval | None = None
+    curve: tuple[float, ...] = ()
+    tokens: tuple[int, ...] = ()
+    converged: bool = True
+    decided_by: str = ""
+
+    @property
+    def undecided(self) -> bool:
+        """True when the statistic has not settled over training (:func:`converged`): undecided at
+        this scale."""
+        return not self.converged
 
     @property
     def within_noise(self) -> bool:
@@ -168,19 +410,27 @@ class Claim:
         return not math.isnan(self.margin) and abs(self.margin) < NOISE_MARGIN_SE * self.se
 
 
-def approx(text: str, values: Iterable[float], published: float, precision: float, *,
+def _claim(text: str, published: str, source: str, st: _Statistic, margin: float, holds: bool) -> Claim:
+    return Claim(text, published, source, st.measured, st.tolerance, st.n_seeds, holds, margin, st.se,
+                 interval=st.interval)
+
+
+def approx(text: str, values: Iterable[float] | ConfidenceInterval, published: float, precision: float, *,
            source: str) -> Claim:
     """Claim "the median over seeds is ≈ ``published``".
 
     Holds when ``|median - published| <= tolerance + precision``; ``precision`` is how precisely the
-    source gave the number (half a unit of its last digit: 0.05 for "≈ 0.2"). Raises ValueError
-    for a negative precision or empty / non-finite values.
+    source gave the number (half a unit of its last digit: 0.05 for "≈ 0.2"). ``values``: the seed
+    values ``[n_seeds]``, or a :class:`ConfidenceInterval` of one model's statistic: then it holds
+    when ``published`` lies in ``[low - precision, high + precision]``. Raises ValueError for a
+    negative precision or empty / non-finite values.
     """
     if precision < 0:
         raise ValueError(f"claim {text!r}: precision must be >= 0, got {precision}")
-    arr, med, tol = _median_and_tolerance(text, values)
-    margin = tol + precision - abs(med - published)
-    return Claim(text, f"≈ {published:+g}", source, med, tol, arr.size, margin >= 0, margin, tol / 2)
+    st = _statistic(text, values)
+    toward = st.down if st.measured >= published else st.up  # the uncertainty on the side of the published value
+    margin = toward + precision - abs(st.measured - published)
+    return _claim(text, f"≈ {published:+g}", source, st, margin, margin >= 0)
 
 
 def within_seed_spread(text: str, values: Iterable[float], predicted: float, *, source: str) -> Claim:
@@ -189,41 +439,44 @@ def within_seed_spread(text: str, values: Iterable[float], predicted: float, *, 
     robust standard deviations of one seed, not of the median). Raises ValueError for empty or
     non-finite values.
     """
-    arr, med, tol_median = _median_and_tolerance(text, values)
+    arr = _values(text, values)
+    med, tol_median = float(np.median(arr)), seed_tolerance(arr)
     tol = N_STANDARD_ERRORS * seed_spread(arr)
     margin = tol - abs(med - predicted)
     return Claim(text, f"{predicted:+.3f}", source, med, tol, arr.size, margin >= 0, margin, tol_median / 2)
 
 
-def between(text: str, values: Iterable[float], low: float, high: float, *, source: str,
+def between(text: str, values: Iterable[float] | ConfidenceInterval, low: float, high: float, *, source: str,
             published: str | None = None) -> Claim:
     """Claim "the median over seeds lies in [low, high]" (a range the source gives, like ``≈``
-    claims), each end moved out by the tolerance.
+    claims), each end moved out by the tolerance (given a :class:`ConfidenceInterval`: it holds
+    when the interval overlaps ``[low, high]``).
 
     Raises ValueError if ``low > high`` or the values are empty / non-finite.
     """
     if low > high:
         raise ValueError(f"claim {text!r}: low {low} > high {high}")
-    arr, med, tol = _median_and_tolerance(text, values)
-    margin = min(med - (low - tol), (high + tol) - med)
-    return Claim(text, published or f"{low:g} to {high:g}", source, med, tol, arr.size, margin >= 0, margin,
-                 tol / 2)
+    st = _statistic(text, values)
+    margin = min(st.measured - (low - st.up), (high + st.down) - st.measured)
+    return _claim(text, published or f"{low:g} to {high:g}", source, st, margin, margin >= 0)
 
 
-def above(text: str, values: Iterable[float], bound: float, *, source: str,
+def above(text: str, values: Iterable[float] | ConfidenceInterval, bound: float, *, source: str,
           published: str | None = None) -> Claim:
-    """Claim "the median over seeds is above ``bound``": holds when ``median - tolerance > bound``."""
-    arr, med, tol = _median_and_tolerance(text, values)
-    margin = med - tol - bound
-    return Claim(text, published or f"> {bound:g}", source, med, tol, arr.size, margin > 0, margin, tol / 2)
+    """Claim "the median over seeds is above ``bound``": holds when ``median - tolerance > bound``
+    (given a :class:`ConfidenceInterval`: when its low end is above ``bound``)."""
+    st = _statistic(text, values)
+    margin = st.measured - st.down - bound
+    return _claim(text, published or f"> {bound:g}", source, st, margin, margin > 0)
 
 
-def below(text: str, values: Iterable[float], bound: float, *, source: str,
+def below(text: str, values: Iterable[float] | ConfidenceInterval, bound: float, *, source: str,
           published: str | None = None) -> Claim:
-    """Claim "the median over seeds is below ``bound``": holds when ``median + tolerance < bound``."""
-    arr, med, tol = _median_and_tolerance(text, values)
-    margin = bound - med - tol
-    return Claim(text, published or f"< {bound:g}", source, med, tol, arr.size, margin > 0, margin, tol / 2)
+    """Claim "the median over seeds is below ``bound``": holds when ``median + tolerance < bound``
+    (given a :class:`ConfidenceInterval`: when its high end is below ``bound``)."""
+    st = _statistic(text, values)
+    margin = bound - st.measured - st.up
+    return _claim(text, published or f"< {bound:g}", source, st, margin, margin > 0)
 
 
 def _difference(text: str, a: Iterable[float], b: Iterable[float]) -> tuple[float, float, int]:
@@ -318,6 +571,80 @@ def at_full_size(claim: Claim, quick: bool) -> Claim:
     return replace(claim, full_size=True, judged=not quick)
 
 
+def _step_tolerance(claim: Claim) -> float:
+    """How far the last two points of a curve may differ and still agree: two standard errors of
+    the statistic at the last point (its tolerance, for a median over seeds or a 95 % interval)."""
+    return N_STANDARD_ERRORS * claim.se
+
+
+def _extrapolate(curve: Sequence[float], tokens: Sequence[int], tol: float) -> str:
+    """Tokens at which the step between checkpoints would fall within ``tol``, if each step keeps
+    shrinking by the factor of the last two steps and the checkpoints keep the last token ratio."""
+    (m1, m2, m3), (t2, t3) = curve[-3:], tokens[-2:]
+    first, last = m2 - m1, m3 - m2
+    if tol <= 0 or not all(map(math.isfinite, (first, last))) or first * last <= 0 or abs(last) >= abs(first):
+        return " (the steps are not shrinking: no extrapolation)"
+    ratio, growth = abs(last) / abs(first), t3 / t2
+    steps = max(1, math.ceil(math.log(tol / abs(last)) / math.log(ratio)))
+    return (f"; about {t3 * growth ** steps:,.0f} by extrapolation (if each x{growth:g} step in tokens keeps "
+            f"shrinking the change by {ratio:.2f}, the last ratio: not a measurement)")
+
+
+def converged(claims_at_points: Sequence[Claim], tokens: Sequence[int]) -> Claim:
+    """One claim from its statistic at three or more checkpoints of one training run.
+
+    ``claims_at_points``: the same claim (same text and source) built at each checkpoint, oldest
+    first, e.g. ``[cl.above(text, ci_k, 0.8, source=S) for ci_k in intervals]``; ``tokens``: the
+    training tokens seen at each, strictly increasing. The last two points **agree** when
+    ``|last - previous| <= 2 · se`` of the last point (its tolerance for a median over seeds or a
+    95 % interval; two binomial standard errors for a count); a boolean finding's last two verdicts
+    must be equal. Then the result is the last claim, decided as usual; otherwise it is *undecided
+    at this scale* (``converged=False``): :func:`check_claims` expects it in ``undecided``, and
+    ``decided_by`` says "more training tokens than N" (N the last point), with a geometric
+    extrapolation where the last three points are levelling off. Either way the result carries the
+    ``curve`` and ``tokens`` for :func:`claims_table` and a convergence plot.
+
+    Raises ValueError for fewer than three points, a different number of token counts, token counts
+    not positive and strictly increasing, or claims of different text or source.
+    """
+    points = list(claims_at_points)
+    seen = [int(t) for t in tokens]
+    if len(points) < 3:
+        raise ValueError(f"a convergence curve needs three or more checkpoints, got {len(points)}")
+    if len(seen) != len(points):
+        raise ValueError(f"{len(points)} claims but {len(seen)} token counts")
+    if seen[0] <= 0 or any(b <= a for a, b in zip(seen, seen[1:])):
+        raise ValueError(f"tokens must be positive and strictly increasing, got {seen}")
+    last, previous = points[-1], points[-2]
+    other = [(c.text, c.source) for c in points if (c.text, c.source) != (last.text, last.source)]
+    if other:
+        raise ValueError(f"the checkpoints must measure one claim ({last.text!r}, {last.source}), got {other}")
+    curve = tuple(float(c.measured) for c in points)
+    tol = _step_tolerance(last)
+    if math.isnan(last.margin):  # a boolean finding: its verdict must not change
+        agree = last.holds == previous.holds
+    else:
+        agree = abs(curve[-1] - curve[-2]) <= tol
+    decided_by = ""
+    if not agree:
+        decided_by = f"more training tokens than {seen[-1]:,}"
+        decided_by += (" (the verdict changed between the last two checkpoints)" if math.isnan(last.margin)
+                       else _extrapolate(curve, seen, tol))
+    return replace(last, curve=curve, tokens=tuple(seen), converged=agree, decided_by=decided_by)
+
+
+def _convergence(c: Claim) -> str:
+    """The table's convergence cell: the last step against its tolerance, or what would decide it."""
+    if not c.curve:
+        return "—"
+    if math.isnan(c.margin):
+        step = "verdict " + ("unchanged" if c.converged else "changed")
+    else:
+        step = f"step {_fmt(c.curve[-1] - c.curve[-2])} vs ± {_step_tolerance(c):.3f}"
+    where = f"{c.tokens[-2]:,} → {c.tokens[-1]:,} tokens"
+    return f"{step}, {where}: " + ("converged" if c.converged else f"undecided: {c.decided_by}")
+
+
 def _fmt(v: float) -> str:
     return "—" if math.isnan(v) else f"{v:+.3f}" if abs(v) < 10 else f"{v:.1f}"
 
@@ -327,34 +654,51 @@ def claims_table(claims: Sequence[Claim]) -> str:
     verdict's flipping point in standard errors, the number of seeds, and whether it holds
     (``~`` marks a claim within ``NOISE_MARGIN_SE`` standard errors of flipping: within the seed noise).
 
+    A claim with a bootstrap interval shows it beside its tolerance. When some claim has a
+    convergence curve (:func:`converged`), a last column gives its last step against the step
+    tolerance, or, for a claim undecided at this scale, what would decide it; its ``holds`` reads
+    "undecided" with the current verdict in brackets.
+
     Measured numbers vary with the machine's rounding: show it in a ``# NBVAL_IGNORE_OUTPUT`` cell.
     """
-    rows = ["| claim | source | published | measured | ± tol (seed spread) | margin / SE | seeds | holds |",
-            "|---|---|---|---|---|---|---|---|"]
+    curves = any(c.curve for c in claims)
+    rows = ["| claim | source | published | measured | ± tol (seed spread) | margin / SE | seeds | holds |"
+            + (" convergence |" if curves else ""),
+            "|---|---|---|---|---|---|---|---|" + ("---|" if curves else "")]
     for c in claims:
         ratio = "—" if math.isnan(c.margin) else "∞" if c.se == 0 else f"{c.margin / c.se:+.1f}"
         holds = ("yes" if c.holds else "**no**") + (" ~" if c.within_noise else "")
+        if c.undecided:
+            holds = f"undecided (now {holds})"
         if not c.judged:
             holds += " (quick run: not judged)"
+        tol = f"{c.tolerance:.3f}"
+        if c.interval is not None:
+            ci = c.interval
+            tol += f" ({ci.level:.0%} CI [{_fmt(ci.low)}, {_fmt(ci.high)}] over {ci.n} documents)"
         rows.append(f"| {c.text} | {c.source} | {c.published} | {_fmt(c.measured)} | "
-                    f"{c.tolerance:.3f} | {ratio} | {c.n_seeds} | {holds} |")
+                    f"{tol} | {ratio} | {c.n_seeds} | {holds} |" + (f" {_convergence(c)} |" if curves else ""))
     return "\n".join(rows)
 
 
-def verdicts(claims: Sequence[Claim], within_noise: Iterable[str] = (), not_reproduced: Iterable[str] = ()) -> str:
+def verdicts(claims: Sequence[Claim], within_noise: Iterable[str] = (), not_reproduced: Iterable[str] = (),
+             undecided: Iterable[str] = ()) -> str:
     """One line per claim, with no measured digit: ``reproduced`` / ``NOT reproduced`` (or, for the
     project's own findings, ``holds`` / ``does not hold``; for the claims named in ``within_noise``,
-    ``within the seed noise``), the claim and the published number. Stable across machines
+    ``within the seed noise``; for those named in ``undecided``, ``undecided at this scale``), the
+    claim and the published number. Stable across machines
     whenever the claims are decided the same way. A claim not judged in this run
     (:func:`at_full_size` in a quick run) prints the verdict recorded for the full run
-    (``not_reproduced`` / ``within_noise``); every ``full_size`` claim's line ends with
+    (``not_reproduced`` / ``within_noise`` / ``undecided``); every ``full_size`` claim's line ends with
     "judged at full size", in both runs, so the two runs print the same lines."""
-    noisy, expected_false = set(within_noise), set(not_reproduced)
+    noisy, expected_false, unsettled = set(within_noise), set(not_reproduced), set(undecided)
     lines = []
     for c in claims:
         own = c.source == "this project"
         holds = c.holds if c.judged else c.text not in expected_false
-        if c.text in noisy:
+        if c.text in unsettled:
+            verdict = "undecided at this scale"
+        elif c.text in noisy:
             verdict = "within the seed noise"
         elif own:
             verdict = "holds" if holds else "does not hold"
@@ -366,7 +710,7 @@ def verdicts(claims: Sequence[Claim], within_noise: Iterable[str] = (), not_repr
 
 
 def check_claims(claims: Sequence[Claim], not_reproduced: Iterable[str] = (),
-                 within_noise: Iterable[str] = ()) -> str:
+                 within_noise: Iterable[str] = (), undecided: Iterable[str] = ()) -> str:
     """Assert each claim is decided as recorded; return :func:`verdicts` for nbval to compare.
 
     Every claim must hold, except those in ``not_reproduced`` (this project's data contradict the
@@ -375,27 +719,40 @@ def check_claims(claims: Sequence[Claim], not_reproduced: Iterable[str] = (),
     where the verdict flips (``Claim.within_noise`` on the run that recorded them). Another
     machine's rounding, like another seed, may decide those either way, so their verdict is not
     asserted; instead they must stay within ``NOISE_BAND_SE`` (5.66) standard errors of flipping
-    (a claim that moves far from its bound must be decided again). Claims not judged in this run
+    (a claim that moves far from its bound must be decided again). Claims in ``undecided`` are
+    those whose last two checkpoints disagree (:func:`converged`): their verdict is not asserted,
+    only that they are still unconverged (one whose curve has settled must be decided again); a
+    claim whose curve has not settled must be listed there. Claims not judged in this run
     (:func:`at_full_size` in a quick run) are not asserted; their lines repeat the recorded verdict.
 
     Raises:
         AssertionError: naming every claim decided otherwise than recorded.
-        ValueError: a name in ``not_reproduced`` / ``within_noise`` that is not a claim, or in both.
+        ValueError: a name in ``not_reproduced`` / ``within_noise`` / ``undecided`` that is not a
+            claim, or in two of them.
     """
     texts = {c.text for c in claims}
-    expected_false, noisy = set(not_reproduced), set(within_noise)
-    unknown = (expected_false | noisy) - texts
+    expected_false, noisy, unsettled = set(not_reproduced), set(within_noise), set(undecided)
+    unknown = (expected_false | noisy | unsettled) - texts
     if unknown:
-        raise ValueError(f"not_reproduced / within_noise name unknown claims: {sorted(unknown)}")
-    if expected_false & noisy:
-        raise ValueError(f"claims both not_reproduced and within_noise: {sorted(expected_false & noisy)}")
+        raise ValueError(f"not_reproduced / within_noise / undecided name unknown claims: {sorted(unknown)}")
+    twice = (expected_false & noisy) | (expected_false & unsettled) | (noisy & unsettled)
+    if twice:
+        raise ValueError(f"claims in both of two lists (not_reproduced, within_noise, undecided): {sorted(twice)}")
     judged = [c for c in claims if c.judged]
-    wrong = [c for c in judged if c.text not in noisy and c.holds == (c.text in expected_false)]
-    drifted = [c for c in judged if c.text in noisy and not abs(c.margin) <= NOISE_BAND_SE * c.se]
-    if wrong or drifted:
+    settled = [c for c in judged if c.text in unsettled and c.converged]
+    unsettled_unlisted = [c for c in judged if c.text not in unsettled and not c.converged]
+    decided = [c for c in judged if c.converged and c.text not in unsettled]
+    wrong = [c for c in decided if c.text not in noisy and c.holds == (c.text in expected_false)]
+    drifted = [c for c in decided if c.text in noisy and not abs(c.margin) <= NOISE_BAND_SE * c.se]
+    if wrong or drifted or settled or unsettled_unlisted:
         raise AssertionError("claims decided otherwise than recorded:\n" + "\n".join(
             [f"  {c.text}: measured {_fmt(c.measured)} ± {c.tolerance:.3f} over {c.n_seeds} seeds, "
              f"published {c.published}, holds={c.holds}" for c in wrong]
             + [f"  {c.text}: recorded as within the seed noise but {c.margin:+.3g} from flipping "
-               f"(SE {c.se:.3g})" for c in drifted]))
-    return verdicts(claims, noisy, expected_false)
+               f"(SE {c.se:.3g})" for c in drifted]
+            + [f"  {c.text}: recorded as undecided at this scale but "
+               + ("its last two checkpoints agree" if c.curve else "it has no convergence curve")
+               for c in settled]
+            + [f"  {c.text}: undecided at this scale (its last two checkpoints disagree; decided by "
+               f"{c.decided_by}) but not recorded in undecided" for c in unsettled_unlisted]))
+    return verdicts(claims, noisy, expected_false, unsettled)

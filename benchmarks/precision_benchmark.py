@@ -160,6 +160,9 @@ def harvest_and_loss(n_docs_harvest: int, n_docs_loss: int) -> dict:
     hook = "blocks.12.hook_resid_pre"
     docs = tokenize_documents(split.train_texts[:n_docs_harvest], lm.tokenizer, lm.bos_id, 512)
     out: dict = {"harvest_tokens": docs.n_tokens, "hook": hook}
+    # warm-up: the model's weight fingerprint (hashed once per model) and the first forward's allocations
+    harvest_activations(lm, tokenize_documents(split.train_texts[-1:], lm.tokenizer, lm.bos_id, 512), [hook],
+                        use_cache=False, progress=False)
     stores = {}
     for precision in ("float32", "bfloat16"):
         t0 = time.perf_counter()
@@ -246,6 +249,8 @@ def main() -> None:
     ap.add_argument("--harvest-docs", type=int, default=None, help="training documents harvested")
     ap.add_argument("--loss-docs", type=int, default=None, help="held-out documents for the loss")
     ap.add_argument("--render-only", action="store_true", help="rewrite PRECISION.md from precision_results.json")
+    ap.add_argument("--parts", default="matmul,sae,lm",
+                    help="comma-separated parts to measure again (the others are kept from precision_results.json)")
     args = ap.parse_args()
     if args.render_only:
         res = json.loads((HERE / "precision_results.json").read_text())
@@ -261,11 +266,19 @@ def main() -> None:
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
                     "load": ", ".join(f"{v:.1f}" for v in os.getloadavg()), "auto": resolve_precision("auto")},
     }
-    res["matmul"] = matmul_roofs(1 if args.quick else 3)
-    print(json.dumps(res["matmul"], indent=1), flush=True)
-    res["sae_steps"] = sae_steps(args.quick)
-    print(json.dumps(res["sae_steps"], indent=1), flush=True)
-    res["lm"] = harvest_and_loss(harvest_docs, loss_docs)
+    parts = set(args.parts.split(","))
+    if parts != {"matmul", "sae", "lm"}:  # keep the parts not measured again, and say when each was measured
+        old = json.loads((HERE / "precision_results.json").read_text())
+        res.update({k: old[k] for k in ("matmul", "sae_steps", "lm") if k in old})
+        res["machine"]["date"] += f" ({', '.join(sorted(parts))}; the rest {old['machine']['date']})"
+    if "matmul" in parts:
+        res["matmul"] = matmul_roofs(1 if args.quick else 3)
+        print(json.dumps(res["matmul"], indent=1), flush=True)
+    if "sae" in parts:
+        res["sae_steps"] = sae_steps(args.quick)
+        print(json.dumps(res["sae_steps"], indent=1), flush=True)
+    if "lm" in parts:
+        res["lm"] = harvest_and_loss(harvest_docs, loss_docs)
     (HERE / "precision_results.json").write_text(json.dumps(res, indent=1) + "\n")
     (HERE / "PRECISION.md").write_text(render(res))
     print(render(res))

@@ -48,7 +48,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -466,10 +466,14 @@ def load_or_train(
     return sae, folder, True
 
 
-def check_reload(folder: str | Path, sae: SAE, instance: int, x: Tensor) -> Any:
+def check_reload(
+    folder: str | Path, sae: SAE, instance: int, x: Tensor, sae_lens_load: Callable[..., Any]
+) -> Any:
     """Check that the SAE saved in ``folder`` (by :func:`save_sae` or :func:`save_instances`)
     loads back and encodes as instance ``instance`` of the trained ``sae`` does, both with
-    :func:`load_sae` and in SAELens (``sae_lens.SAE.load_from_disk`` after :func:`sae_lens_folder`).
+    :func:`load_sae` and in SAELens: ``sae_lens_load`` is ``sae_lens.SAE.load_from_disk``, called
+    as ``sae_lens_load(sae_lens_folder(folder), device=...)``. (saelib itself does not import
+    SAELens, an optional dependency: the caller, e.g. a notebook, passes its loader.)
 
     ``x`` is ``[batch, d_in]``, in the units ``sae`` was trained in, on any device (the three SAEs
     encode it on ``sae``'s device); the latent activations ``[batch, d_sae]`` are compared with
@@ -477,11 +481,9 @@ def check_reload(folder: str | Path, sae: SAE, instance: int, x: Tensor) -> Any:
     restored). Returns the SAELens SAE (e.g. to name its class).
 
     Raises AssertionError naming the loader whose encoding differs; IndexError for an instance
-    outside ``[0, sae.n_inst)``; ImportError without SAELens (the ``notebooks`` extra); what
-    :func:`load_sae` and :func:`sae_lens_folder` raise for a folder they cannot read.
+    outside ``[0, sae.n_inst)``; what :func:`load_sae`, :func:`sae_lens_folder` and
+    ``sae_lens_load`` raise for a folder they cannot read.
     """
-    import sae_lens
-
     if not 0 <= instance < sae.n_inst:
         raise IndexError(f"instance {instance} out of range for n_inst={sae.n_inst}")
     was_training = sae.training
@@ -493,7 +495,7 @@ def check_reload(folder: str | Path, sae: SAE, instance: int, x: Tensor) -> Any:
             trained = sae.encode(x)[:, instance]  # [batch, d_sae]
             reloaded = load_sae(folder, device=dev).encode(x)[:, 0]
             torch.testing.assert_close(reloaded, trained, msg=lambda m: f"load_sae({str(folder)!r}) encodes differently: {m}")
-            lens_sae = sae_lens.SAE.load_from_disk(sae_lens_folder(folder), device=dev)
+            lens_sae = sae_lens_load(sae_lens_folder(folder), device=dev)
             torch.testing.assert_close(lens_sae.encode(x), trained,
                                        msg=lambda m: f"SAELens's SAE from {str(folder)!r} encodes differently: {m}")
     finally:

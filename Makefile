@@ -92,3 +92,4 @@ unit: $(STAMP)
 
 benchmark: $(STAMP)
 	$(RUN) $(PY) benchmarks/run_benchmarks.py
+	$(RUN) $(PY) benchmarks/precision_benchmark.py

@@ -531,11 +531,18 @@ def measure_wall_times() -> list[dict]:
     return out
 
 
+# RESULTS.md from this line on holds sections measured by other scripts or by hand: kept on a rewrite
+KEPT_MARKER = "<!-- Sections below: measured by other scripts or by hand; run_benchmarks.py keeps them when it rewrites this file. -->"
+
+
 def write_outputs(res: dict) -> None:
-    """results.json, results.png and RESULTS.md, each written atomically."""
+    """results.json, results.png and RESULTS.md, each written atomically; RESULTS.md keeps
+    everything from :data:`KEPT_MARKER` on."""
     atomic_write_bytes(OUT_DIR / "results.json", (json.dumps(res, indent=1) + "\n").encode())
     write_figure(res, OUT_DIR / "results.png")
-    atomic_write_bytes(OUT_DIR / "RESULTS.md", render_markdown(res).encode())
+    old = (OUT_DIR / "RESULTS.md").read_text() if (OUT_DIR / "RESULTS.md").exists() else ""
+    kept = old[old.index(KEPT_MARKER):] if KEPT_MARKER in old else KEPT_MARKER + "\n"
+    atomic_write_bytes(OUT_DIR / "RESULTS.md", (render_markdown(res) + "\n" + kept).encode())
     print(f"wrote {OUT_DIR / 'RESULTS.md'}, results.json, results.png")
 
 

@@ -4,7 +4,9 @@ size (saelib and SAELens, each in float32 and with its own bf16 autocast), harve
 
     .venv/bin/python benchmarks/precision_benchmark.py [--quick]
 
-Writes ``benchmarks/precision_results.json`` and ``benchmarks/PRECISION.md`` (machine, CPU model and
+Where bf16 is fast (or with ``--parts science``) it also trains 07's SAE and one of 06's transcoders in
+both precisions to show bf16 leaves the science alone (FVU, L0, dead fraction, decoder MCC against
+two float32 seeds; loss recovered). Writes ``benchmarks/precision_results.json`` and ``benchmarks/PRECISION.md`` (machine, CPU model and
 its bf16 hardware, medians, ratios). Run it on a quiet machine: it uses every torch thread, and
 compares only numbers measured in this one run.
 
@@ -186,6 +188,53 @@ def harvest_and_loss(n_docs_harvest: int, n_docs_loss: int) -> dict:
     return out
 
 
+def same_science(n_train_docs: int, n_eval_docs: int, steps: int, sm_steps: int) -> dict:
+    """(b) an SAE at 07's settings trained in float32 and in bf16 from the same seed, beside a second
+    float32 seed; (c) one transcoder (notebook 06's settings, one layer) spliced in float32 and in bf16."""
+    from saelib.core.metrics import cosine_matrix, mcc
+    from saelib.core.sae import SAE, SAEConfig
+    from saelib.core.train import TrainConfig, train_sae
+    from saelib.core.transcoder import mlp_hook_names
+    from saelib.data.corpus import load_wiki_leads, split_documents, tokenize_split
+    from saelib.experiments import sparse_mlp as tc
+    from saelib.experiments.polysemanticity import sae_statistics
+    from saelib.lm.activations import harvest_activations
+    from saelib.lm.models import load_smollm2
+
+    lm = load_smollm2()
+    train_docs, eval_docs = tokenize_split(split_documents(load_wiki_leads()), lm.tokenizer, lm.bos_id, 512,
+                                           n_train_docs, n_eval_docs, seed=0)
+    hook = "blocks.12.hook_resid_pre"
+    train, held = harvest_activations(lm, train_docs, [hook], progress=False), harvest_activations(lm, eval_docs, [hook], progress=False)
+    scale = train.normalisation_scale(hook)
+    out: dict = {"train_tokens": int(train.rows().numel()), "eval_tokens": int(held.rows().numel()), "steps": steps}
+    saes = {}
+    for name, (precision, seed) in {"float32": ("float32", 0), "bfloat16": ("bfloat16", 0), "float32 seed 1": ("float32", 1)}.items():
+        sae = SAE(SAEConfig(d_in=lm.model.cfg.d_model, d_sae=4608, seed=seed))  # 07's settings
+        cfg = TrainConfig(steps=steps, batch_size=1024, lr=3e-3, betas=(0.9, 0.999), penalty="l1", l1_coeff=5.0,
+                          target_l0=32, l1_adapt_eps=3e-3, seed=seed, progress=False, precision=precision)
+        t0 = time.perf_counter()
+        train_sae(sae, train.sampler(hook, scale), cfg)
+        q = sae_statistics(sae, held[hook], held.pos > 0, scale)
+        saes[name] = sae
+        out[name] = {"seconds": time.perf_counter() - t0, "FVU": q["FVU"], "L0": q["L0"], "dead_frac": q["dead_frac"]}
+    dec = {k: v.W_dec[0].detach() for k, v in saes.items()}
+    out["mcc_bf16_vs_float32"] = mcc(cosine_matrix(dec["bfloat16"], dec["float32"]))
+    out["mcc_two_float32_seeds"] = mcc(cosine_matrix(dec["float32 seed 1"], dec["float32"]))
+    layer = 9  # one of notebook 06's layers
+    hooks = mlp_hook_names(lm.model, layer)
+    store = harvest_activations(lm, train_docs, list(hooks), progress=False)
+    x, y = store[hooks[0]][store.rows()].float(), store[hooks[1]][store.rows()].float()
+    for precision in ("float32", "bfloat16"):
+        cfg = tc.SparseMLPConfig(S_values=(2.0,), d_sae=1536, steps=sm_steps, batch_size=512, seed=0, progress=False,
+                                 precision=precision)
+        sm = tc.train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks)
+        r = tc.spliced_losses(lm.model, eval_docs, sm, y.mean(0), progress=False, precision=precision)
+        out[f"transcoder_{precision}"] = {"recovered": r.recovered[0], "kl": r.kl_sparse[0], "l0": r.l0[0],
+                                          "loss_orig": r.loss_orig, "n_tokens": r.n_tokens}
+    return out
+
+
 def render(res: dict) -> str:
     m = res["machine"]
     lines = [
@@ -234,6 +283,21 @@ def render(res: dict) -> str:
               f"Held-out loss over {h['loss_tokens']:,} predicted tokens: float32 {h['loss_float32']:.4f} nats, "
               f"bf16 {h['loss_bfloat16']:.4f} nats (difference {h['loss_bfloat16'] - h['loss_float32']:+.4f}; "
               f"budget 0.01 nats: {'met' if abs(h['loss_bfloat16'] - h['loss_float32']) <= 0.01 else 'NOT met'}).", ""]
+    if "science" in res:
+        sc = res["science"]
+        lines += ["## Same science in bf16", "",
+                  f"(b) SAEs at 07's settings (d_sae 4608, L0 32, batch 1024, {sc['steps']} steps) on {sc['train_tokens']:,} "
+                  f"training tokens, statistics on {sc['eval_tokens']:,} held-out tokens:", "",
+                  "| run | FVU | L0 | dead fraction | seconds |", "|---|---|---|---|---|"]
+        for name in ("float32", "bfloat16", "float32 seed 1"):
+            r = sc[name]
+            lines.append(f"| {name} | {r['FVU']:.4f} | {r['L0']:.1f} | {r['dead_frac']:.3f} | {r['seconds']:.0f} |")
+        lines += ["", f"Decoder MCC, bf16 vs float32 from the same seed: **{sc['mcc_bf16_vs_float32']:.3f}**; two float32 "
+                  f"seeds (the yardstick of \"the same SAE\"): {sc['mcc_two_float32_seeds']:.3f}.", "",
+                  "(c) one transcoder (layer 9, S = 2, d_sae 1536): loss recovered float32 "
+                  f"{sc['transcoder_float32']['recovered']:.3f}, bf16 {sc['transcoder_bfloat16']['recovered']:.3f} "
+                  f"(L0 {sc['transcoder_float32']['l0']:.1f} vs {sc['transcoder_bfloat16']['l0']:.1f}; "
+                  f"{sc['transcoder_float32']['n_tokens']:,} predicted tokens).", ""]
     return "\n".join(lines)
 
 
@@ -249,8 +313,12 @@ def main() -> None:
     ap.add_argument("--harvest-docs", type=int, default=None, help="training documents harvested")
     ap.add_argument("--loss-docs", type=int, default=None, help="held-out documents for the loss")
     ap.add_argument("--render-only", action="store_true", help="rewrite PRECISION.md from precision_results.json")
-    ap.add_argument("--parts", default="matmul,sae,lm",
-                    help="comma-separated parts to measure again (the others are kept from precision_results.json)")
+    ap.add_argument("--parts", default=None,
+                    help="comma-separated parts among matmul, sae, lm, science to measure (the others are kept from "
+                         "precision_results.json); default: all, science only where bf16 is fast")
+    ap.add_argument("--science-docs", type=int, default=2000, help="training documents of the same-science runs")
+    ap.add_argument("--science-steps", type=int, default=1000, help="SAE steps of the same-science runs (07: 1000)")
+    ap.add_argument("--science-transcoder-steps", type=int, default=600, help="transcoder steps (06: 600)")
     args = ap.parse_args()
     if args.render_only:
         res = json.loads((HERE / "precision_results.json").read_text())
@@ -266,10 +334,10 @@ def main() -> None:
                     "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
                     "load": ", ".join(f"{v:.1f}" for v in os.getloadavg()), "auto": resolve_precision("auto")},
     }
-    parts = set(args.parts.split(","))
-    if parts != {"matmul", "sae", "lm"}:  # keep the parts not measured again, and say when each was measured
+    parts = set(args.parts.split(",")) if args.parts else {"matmul", "sae", "lm"} | ({"science"} if FAST else set())
+    if args.parts:  # keep the parts not measured again, and say when each was measured
         old = json.loads((HERE / "precision_results.json").read_text())
-        res.update({k: old[k] for k in ("matmul", "sae_steps", "lm") if k in old})
+        res.update({k: old[k] for k in ("matmul", "sae_steps", "lm", "science") if k in old})
         res["machine"]["date"] += f" ({', '.join(sorted(parts))}; the rest {old['machine']['date']})"
     if "matmul" in parts:
         res["matmul"] = matmul_roofs(1 if args.quick else 3)
@@ -279,6 +347,8 @@ def main() -> None:
         print(json.dumps(res["sae_steps"], indent=1), flush=True)
     if "lm" in parts:
         res["lm"] = harvest_and_loss(harvest_docs, loss_docs)
+    if "science" in parts:
+        res["science"] = same_science(args.science_docs, 40, args.science_steps, args.science_transcoder_steps)
     (HERE / "precision_results.json").write_text(json.dumps(res, indent=1) + "\n")
     (HERE / "PRECISION.md").write_text(render(res))
     print(render(res))

@@ -48,7 +48,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -58,6 +58,10 @@ from torch import Tensor
 from .io import atomic_write_bytes  # noqa: F401  (re-exported: notebook 07 imports it from here)
 from .io import atomic_write_folder, cache_dir, config_hash
 from .sae import SAE, SAEConfig, dtype_name
+
+if TYPE_CHECKING:  # only for annotations: train imports nothing from here, but keep the load order plain
+    from .data_streams import DataSource
+    from .train_config import TrainConfig
 
 __all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "check_reload", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
@@ -423,8 +427,8 @@ def _code_fingerprint(code_files: Sequence[str | Path]) -> str:
 
 def load_or_train(
     sae: SAE,
-    data: Any,
-    cfg: Any,
+    data: DataSource,
+    cfg: TrainConfig,
     data_key: str,
     metadata: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,

@@ -605,40 +605,44 @@ def test_l1_penalty_fast_path_equals_the_general_penalty_and_its_gradients():
 
 
 RETAIN_PROBE = """
-import resource, sys, torch
+import ctypes, torch
 from saelib.core.train import retain_freed_cpu_memory
-def faults_of_reallocating():
-    torch.ones(64 << 18)  # 64 MiB, allocated and freed once before counting
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(8):
-        torch.ones(64 << 18)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-default = faults_of_reallocating()
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+def free_bytes_kept_after_freeing_64_mib():
+    t = torch.ones(64 << 18)  # 64 MiB
+    del t
+    return libc.mallinfo2().fordblks  # free bytes the heap keeps for reuse
+default = free_bytes_kept_after_freeing_64_mib()
 ok = retain_freed_cpu_memory()
-print(default, ok, faults_of_reallocating())
+print(default, ok, free_bytes_kept_after_freeing_64_mib())
 """
 
 
-def test_retain_freed_cpu_memory_stops_page_faults_on_reallocation():
+def test_retain_freed_cpu_memory_keeps_freed_blocks_in_the_heap():
+    """glibc hands a freed block over its mmap threshold (at most 32 MiB by default) back to the
+    OS, so the next step page-faults it in again; after retain_freed_cpu_memory the freed 64 MiB
+    stays in the heap for reuse. Read from glibc's own accounting (mallinfo2), which, unlike a
+    page-fault count, no other process or kernel reclaim can move; the page faults this saves are
+    measured in benchmarks/ (RESULTS.md, allocator ablation)."""
+    import ctypes
     import ctypes.util
     import subprocess
     import sys
 
     if not sys.platform.startswith("linux") or "libc.so" not in (ctypes.util.find_library("c") or ""):
         pytest.skip("mallopt tuning applies to Linux glibc only")
-    # three fresh processes, the fewest faults kept (as timeit keeps the fastest run): a fault
-    # count can only be raised from outside the probe (another job reclaiming or compacting memory
-    # on a shared machine: 3 blocks of faults seen once in CI while a second training job ran)
-    runs = [subprocess.run([sys.executable, "-c", RETAIN_PROBE], capture_output=True, text=True,
-                           check=True).stdout.split() for _ in range(3)]
-    assert all(ok == "True" for _, ok, _ in runs), runs
-    default = min(int(d) for d, _, _ in runs)
-    retained = min(int(r) for _, _, r in runs)
-    # 8 x 64 MiB of fresh 4 KiB pages by default (transparent huge pages would need far fewer)
-    if default < 8 * 4096:
-        pytest.skip(f"this kernel/allocator already avoids the faults ({default})")
-    # the heap may still grow once (one 64 MiB block of faults); the other 7 reuse it
-    assert retained <= default // 4, runs
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("glibc older than 2.33 (no mallinfo2)")
+    out = subprocess.run([sys.executable, "-c", RETAIN_PROBE], capture_output=True, text=True, check=True).stdout
+    default, ok, retained = out.split()
+    assert ok == "True", out
+    mib64 = 64 << 20
+    assert int(default) < mib64, out  # by default the 64 MiB block went back to the OS
+    assert int(retained) >= mib64, out  # retained: the whole block stays in the heap
 
 
 def _penalty_with(freq_target, target_l0):

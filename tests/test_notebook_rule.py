@@ -32,8 +32,10 @@ def test_checking_cells_follow_the_rule(path):
     body = [line for line in check.splitlines()[1:] if line.strip()]
     # the compared cell only asserts the claims and prints their verdicts: nothing else can print a digit
     prints = [line for line in body if "print(" in line]
-    assert prints == ["print(cl.check_claims(claims, not_reproduced=NOT_REPRODUCED, within_noise=WITHIN_NOISE))"], \
-        f"{path.name}: prints {prints}"
+    allowed = ["print(cl.check_claims(claims, not_reproduced=NOT_REPRODUCED, within_noise=WITHIN_NOISE))",
+               # real-model notebooks: claims undecided at this scale (their convergence curves disagree)
+               "print(cl.check_claims(claims, not_reproduced=NOT_REPRODUCED, within_noise=WITHIN_NOISE, undecided=UNDECIDED))"]
+    assert len(prints) == 1 and prints[0] in allowed, f"{path.name}: prints {prints}"
     assert not any("display(" in line or "f\"" in line and "print" in line for line in body), path.name
 
 

@@ -63,7 +63,8 @@ if TYPE_CHECKING:  # only for annotations: train imports nothing from here, but 
     from .data_streams import DataSource
     from .train_config import TrainConfig
 
-__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "check_reload", "WEIGHTS_FILENAME", "CFG_FILENAME"]
+__all__ = ["save_sae", "save_instances", "load_sae", "sae_lens_folder", "load_or_train", "load_checkpoints",
+           "checkpoint_folder", "check_reload", "WEIGHTS_FILENAME", "CFG_FILENAME"]
 
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 CFG_FILENAME = "cfg.json"
@@ -425,6 +426,27 @@ def _code_fingerprint(code_files: Sequence[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def checkpoint_folder(folder: str | Path, step: int) -> Path:
+    """Where :func:`load_or_train` saves the checkpoint taken after ``step`` optimiser steps of the
+    SAE cached at ``folder``: the sibling folder ``<folder>-step<step>`` (SAELens layout)."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}-step{int(step)}")
+
+
+def load_checkpoints(folder: str | Path) -> dict[int, SAE]:
+    """The checkpoints :func:`load_or_train` saved beside the SAE at ``folder``: ``{steps: SAE}``,
+    fewest steps first (the final SAE itself is not included). Training tokens seen at a checkpoint
+    are ``steps * TrainConfig.batch_size`` (also stored in its ``cfg.json`` under
+    ``saelib_training.tokens_seen``). Returns an empty dict when there are none."""
+    folder = Path(folder)
+    found = {}
+    for path in folder.parent.glob(f"{folder.name}-step*"):
+        tail = path.name[len(folder.name) + len("-step"):]
+        if tail.isdigit() and (path / CFG_FILENAME).is_file():
+            found[int(tail)] = path
+    return {step: load_sae(found[step]) for step in sorted(found)}
+
+
 def load_or_train(
     sae: SAE,
     data: DataSource,
@@ -433,6 +455,7 @@ def load_or_train(
     metadata: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
     code_files: Sequence[str | Path] = (),
+    checkpoints: Sequence[int] = (),
 ) -> tuple[SAE, Path, bool]:
     """Train ``sae`` (one instance) with :func:`saelib.core.train.train_sae` and save it under the
     cache, or load the SAE an identical earlier call saved.
@@ -447,10 +470,17 @@ def load_or_train(
     in one step; ``metadata`` and ``training`` go into ``cfg.json``), so
     ``sae_lens.SAE.load_from_disk(folder)`` opens it too.
 
+    ``checkpoints``: optimiser-step counts (each in ``[1, cfg.steps)``) after which the SAE is also
+    saved, to :func:`checkpoint_folder` ``(folder, steps)``, e.g. ``(steps // 4, steps // 2)`` for a
+    convergence curve from one run (:func:`saelib.experiments.claims.converged`); read them back
+    with :func:`load_checkpoints`. They are part of the key, and a cached SAE missing one of its
+    checkpoints is trained again. The final SAE is written last, so its folder marks a finished run.
+
     Returns ``(sae, folder, trained_now)``: the trained (or loaded) SAE, in eval mode.
 
-    Raises ValueError if ``sae`` has more than one instance, FileNotFoundError if a file of
-    ``code_files`` is missing, and whatever ``train_sae`` / :func:`load_sae` raise.
+    Raises ValueError if ``sae`` has more than one instance or a checkpoint is not in
+    ``[1, cfg.steps)``, FileNotFoundError if a file of ``code_files`` is missing, and whatever
+    ``train_sae`` / :func:`load_sae` raise.
     """
     from dataclasses import asdict
 
@@ -458,15 +488,24 @@ def load_or_train(
 
     if sae.n_inst != 1:
         raise ValueError(f"load_or_train saves one SAE; got n_inst={sae.n_inst}")
+    steps = sorted({int(s) for s in checkpoints})
+    if any(not 1 <= s < cfg.steps for s in steps):
+        raise ValueError(f"checkpoints must be step counts in [1, steps={cfg.steps}), got {list(checkpoints)}")
     cfg_dict = json.loads(json.dumps(asdict(cfg), default=repr))
     key = config_hash("sae-v1", sae.cfg.to_dict(), cfg_dict, data_key, _code_fingerprint(code_files),
-                      torch.__version__, torch.get_num_threads())
+                      torch.__version__, torch.get_num_threads(), *([{"checkpoints": steps}] if steps else []))
     folder = cache_dir() / f"sae-{key}"
-    if (folder / CFG_FILENAME).is_file():
+    saved = {"train_config": cfg_dict, "data_key": data_key, **(training or {})}
+    if (folder / CFG_FILENAME).is_file() and all((checkpoint_folder(folder, s) / CFG_FILENAME).is_file() for s in steps):
         return load_sae(folder), folder, False
-    train_sae(sae, data, cfg)
-    save_sae(sae.eval(), folder, metadata=metadata,
-             training={"train_config": cfg_dict, "data_key": data_key, **(training or {})})
+
+    def save_checkpoint(step: int, trained: SAE) -> None:  # step counts from 0: after step + 1 steps
+        if step + 1 in steps:
+            save_sae(trained, checkpoint_folder(folder, step + 1), metadata=metadata,
+                     training={**saved, "checkpoint_steps": step + 1, "tokens_seen": (step + 1) * cfg.batch_size})
+
+    train_sae(sae, data, cfg, callback=save_checkpoint if steps else None)
+    save_sae(sae.eval(), folder, metadata=metadata, training=saved)
     return sae, folder, True
 
 

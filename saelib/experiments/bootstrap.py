@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["ConfidenceInterval", "bootstrap_ci", "bootstrap_ratio_ci"]
+__all__ = ["ConfidenceInterval", "bootstrap_ci", "bootstrap_ratio_ci", "bootstrap_counts_ci"]
 
 
 @dataclass(frozen=True)
@@ -188,3 +188,35 @@ def bootstrap_ratio_ci(
     if num.shape != den.shape:
         raise ValueError(f"numerator has {num.size} documents but denominator has {den.size}")
     return _ratio_of_sums(num, den, n_boot, level, seed)
+
+
+def bootstrap_counts_ci(
+    statistic: Callable[[np.ndarray], float],
+    n_documents: int,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> ConfidenceInterval:
+    """Percentile-bootstrap interval of a statistic that needs more than one number per document
+    (e.g. the fraction of latents above a density, from per-document firing counts ``[n_documents,
+    d_sae]``); :func:`bootstrap_ci` for the method.
+
+    ``statistic(counts)`` gets ``counts`` ``[n_documents]`` (float64): how many times each document
+    was drawn in one resample (all ones for the full sample, whose value is ``estimate``), so a sum
+    over resampled documents is ``counts @ per_document_rows``. Resamples are drawn as in
+    :func:`bootstrap_ci` (same seed, same documents drawn). Raises ValueError for ``n_documents <
+    1``, ``n_boot < 1``, a level outside (0, 1), or a non-finite statistic.
+    """
+    _check_boot(n_boot, level)
+    if isinstance(n_documents, bool) or not isinstance(n_documents, (int, np.integer)) or n_documents < 1:
+        raise ValueError(f"n_documents must be a positive integer, got {n_documents!r}")
+
+    def stat(counts: np.ndarray) -> float:
+        value = float(statistic(counts))
+        if not math.isfinite(value):
+            raise ValueError(f"statistic returned a non-finite value {value}")
+        return value
+
+    boot = np.array([stat(np.bincount(row, minlength=n_documents).astype(np.float64))
+                     for idx in _resampled_indices(n_documents, n_boot, seed) for row in idx])
+    return _interval(stat(np.ones(n_documents)), boot, level, n_documents)

@@ -73,6 +73,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_ratio_ci",
     "converged",
+    "converged_claims",
     "seed_median",
     "seed_tolerance",
     "seed_spread",
@@ -204,6 +205,7 @@ class Claim:
         curve: the statistic at each checkpoint of the training run, oldest first (the last is
             ``measured``); empty for a claim measured once (:func:`converged`).
         tokens: training tokens seen at each point of ``curve``.
+        curve_se: one standard error of the statistic at each point of ``curve``.
         converged: False when the last two points of ``curve`` disagree: the claim is *undecided at
             this scale* whatever ``holds`` says. True for a claim without a curve.
         decided_by: for an unconverged claim, what scale would decide it ("more training tokens
@@ -224,6 +226,7 @@ class Claim:
     interval: ConfidenceInterval | None = None
     curve: tuple[float, ...] = ()
     tokens: tuple[int, ...] = ()
+    curve_se: tuple[float, ...] = ()
     converged: bool = True
     decided_by: str = ""
 
@@ -461,7 +464,19 @@ def converged(claims_at_points: Sequence[Claim], tokens: Sequence[int]) -> Claim
         decided_by = f"more training tokens than {seen[-1]:,}"
         decided_by += (" (the verdict changed between the last two checkpoints)" if math.isnan(last.margin)
                        else _extrapolate(curve, seen, tol))
-    return replace(last, curve=curve, tokens=tuple(seen), converged=agree, decided_by=decided_by)
+    return replace(last, curve=curve, tokens=tuple(seen), curve_se=tuple(float(c.se) for c in points),
+                   converged=agree, decided_by=decided_by)
+
+
+def converged_claims(claims_per_point: Sequence[Sequence[Claim]], tokens: Sequence[int]) -> list[Claim]:
+    """:func:`converged` for a list of claims built at each checkpoint: ``claims_per_point[k]`` is
+    the list built at checkpoint ``k`` (oldest first, the same claims in the same order at every
+    point), ``tokens[k]`` the training tokens seen there. Returns one claim per position. Raises
+    ValueError if the lists differ in length, and as :func:`converged`."""
+    lengths = {len(cs) for cs in claims_per_point}
+    if len(lengths) > 1:
+        raise ValueError(f"every checkpoint must build the same claims; got lists of lengths {sorted(lengths)}")
+    return [converged(points, tokens) for points in zip(*claims_per_point)]
 
 
 def _convergence(c: Claim) -> str:

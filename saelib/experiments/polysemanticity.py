@@ -28,11 +28,17 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..core.metrics import active
+from ..lm.activations import pad_by_document
+from .bootstrap import ConfidenceInterval, bootstrap_counts_ci, bootstrap_ratio_ci
 
 if TYPE_CHECKING:
     from ..core.sae import SAE
+    from ..lm.activations import ActivationStore
 
 __all__ = [
+    "SAEMeasures",
+    "measure_saes",
+    "statistic_intervals",
     "Context",
     "sequence_latents",
     "encode_latents",
@@ -164,6 +170,7 @@ def sae_statistics(
     scale: float = 1.0,
     instance: int = 0,
     batch_size: int = 8192,
+    doc: Int[Tensor, " n_tok"] | None = None,
 ) -> dict[str, object]:
     """L0, FVU and feature density of one SAE instance over the rows of ``x`` where ``keep``
     (``[n_tok]`` bool, e.g. ``store.pos > 0`` to leave out BOS; all rows when None), read in
@@ -175,10 +182,14 @@ def sae_statistics(
     ``sum ||x||² - ||sum x||² / n``, so not bit-equal to it), in the SAE's input units
     (``scale * x``). Batches are encoded on the SAE's device; the sums are kept on the CPU.
     Returns ``{"L0": float, "FVU": float, "density": Tensor[d_sae] (CPU), "dead_frac": float,
-    "n_tokens": int}``.
+    "n_tokens": int}``. With ``doc`` (``[n_tok]``, each row's document, e.g.
+    :attr:`saelib.lm.activations.ActivationStore.doc`) it also returns ``"per_document"``: numpy
+    float64 sums over each document's kept rows, ``tokens`` / ``active`` / ``sq_err`` / ``sq_dev``
+    ``[n_docs]`` (``sq_dev``: squared distance from the mean of *all* kept rows, so ``sum(sq_err) /
+    sum(sq_dev)`` is the FVU) and ``fired`` ``[n_docs, d_sae]``, for :func:`statistic_intervals`.
 
-    Raises ValueError if ``x`` is not ``[n_tok, d_in]``, ``keep`` has another length, no row
-    is kept, or the kept rows have zero variance.
+    Raises ValueError if ``x`` is not ``[n_tok, d_in]``, ``keep`` or ``doc`` has another length,
+    no row is kept, or the kept rows have zero variance.
     """
     if x.ndim != 2 or x.shape[1] != sae.d_in:
         raise ValueError(f"x must be [n_tok, d_in={sae.d_in}], got shape {tuple(x.shape)}")
@@ -189,7 +200,13 @@ def sae_statistics(
     n = int(keep.sum())
     if n == 0:
         raise ValueError("keep selects no row")
+    if doc is not None and doc.shape != (len(x),):
+        raise ValueError(f"doc must be [n_tok={len(x)}], got shape {tuple(doc.shape)}")
     d_in = x.shape[1]
+    n_docs = int(doc.max()) + 1 if doc is not None else 0
+    per_doc = {name: torch.zeros(n_docs, dtype=torch.float64) for name in ("tokens", "active", "sq_err", "sq_norm")}
+    doc_sum = torch.zeros(n_docs, d_in, dtype=torch.float64)
+    doc_fired = torch.zeros(n_docs, sae.d_sae, dtype=torch.float32)  # counts below 2**24 are exact
     fired = torch.zeros(sae.d_sae, dtype=torch.float64)
     n_active, err = 0.0, 0.0
     s1, s2 = torch.zeros(d_in, dtype=torch.float64), 0.0
@@ -202,15 +219,56 @@ def sae_statistics(
         on = active(a)  # [b, d_sae]
         fired += on.sum(0).double().cpu()
         n_active += float(on.sum())
-        err += float((xb - x_hat).double().pow(2).sum())
+        row_err = (xb - x_hat).double().pow(2).sum(-1).cpu()
+        err += float(row_err.sum())
         s1 += xb.double().sum(0).cpu()
         s2 += float(xb.double().pow(2).sum())
+        if doc is not None:
+            d = doc[i : i + batch_size][keep[i : i + batch_size]].long()
+            xd = xb.double().cpu()
+            for name, v in (("tokens", torch.ones(len(d), dtype=torch.float64)), ("active", on.sum(-1).double().cpu()),
+                            ("sq_err", row_err), ("sq_norm", xd.pow(2).sum(-1))):
+                per_doc[name].index_add_(0, d, v)
+            doc_sum.index_add_(0, d, xd)
+            doc_fired.index_add_(0, d, on.float().cpu())
     var = s2 - float(s1.pow(2).sum()) / n
     if not var > 0:
         raise ValueError("the kept rows have zero variance: FVU is undefined")
     density = (fired / n).float()
-    return {"L0": n_active / n, "FVU": err / var, "density": density,
-            "dead_frac": float((density == 0).float().mean()), "n_tokens": n}
+    out: dict[str, object] = {"L0": n_active / n, "FVU": err / var, "density": density,
+                              "dead_frac": float((density == 0).float().mean()), "n_tokens": n}
+    if doc is not None:
+        mean = s1 / n  # sum_t ||x_t - mean||² = sum ||x||² - 2 mean . sum x + n_d ||mean||², per document
+        sq_dev = per_doc["sq_norm"] - 2 * doc_sum @ mean + per_doc["tokens"] * mean.pow(2).sum()
+        out["per_document"] = {"tokens": per_doc["tokens"].numpy(), "active": per_doc["active"].numpy(),
+                               "sq_err": per_doc["sq_err"].numpy(), "sq_dev": sq_dev.numpy(),
+                               "fired": doc_fired.double().numpy()}
+    return out
+
+
+def statistic_intervals(
+    stats: dict[str, object], dense_threshold: float = 0.1, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, ConfidenceInterval]:
+    """Bootstrap intervals over documents of an SAE's held-out statistics, from
+    :func:`sae_statistics` called with ``doc``: ``{"L0", "FVU", "dense_frac"}`` (``dense_frac``: the
+    fraction of latents with feature density above ``dense_threshold``). L0 and FVU are ratios of
+    per-document sums (:func:`saelib.experiments.bootstrap.bootstrap_ratio_ci`), the dense fraction
+    is recomputed from resampled firing counts (:func:`saelib.experiments.bootstrap.bootstrap_counts_ci`);
+    documents with no kept row are left out. Raises ValueError if ``stats`` has no ``"per_document"``
+    entry (call :func:`sae_statistics` with ``doc``), and as the bootstrap functions do.
+    """
+    if "per_document" not in stats:
+        raise ValueError("stats has no per-document sums: call sae_statistics(..., doc=store.doc)")
+    per = stats["per_document"]
+    used = per["tokens"] > 0  # type: ignore[index]
+    tokens, fired = per["tokens"][used], per["fired"][used]  # type: ignore[index]
+
+    def dense_frac(counts: np.ndarray) -> float:
+        return float(((counts @ fired) / (counts @ tokens) > dense_threshold).mean())
+
+    return {"L0": bootstrap_ratio_ci(per["active"][used], tokens, n_boot, level, seed),  # type: ignore[index]
+            "FVU": bootstrap_ratio_ci(per["sq_err"][used], per["sq_dev"][used], n_boot, level, seed),  # type: ignore[index]
+            "dense_frac": bootstrap_counts_ci(dense_frac, int(used.sum()), n_boot, level, seed)}
 
 
 def latent_density(
@@ -647,3 +705,55 @@ def plot_latent_report(
     ax2.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+@dataclass
+class SAEMeasures:
+    """What notebook 07 measures on each SAE over held-out documents (:func:`measure_saes`).
+
+    Attributes (each a dict keyed by the SAE's name):
+        quality: :func:`sae_statistics` (L0, FVU, feature density, per-document sums).
+        intervals: :func:`statistic_intervals` (bootstrap intervals of L0, FVU, dense fraction).
+        dense: the dense latents (:func:`dense_latents`), densest first.
+        dense_acts: ``[n_docs, max_len, n_dense]`` the dense latents' activations by document.
+        reports: :func:`examine_latents` of every dense latent.
+    """
+
+    quality: dict[str, dict[str, object]]
+    intervals: dict[str, dict[str, ConfidenceInterval]]
+    dense: dict[str, list[int]]
+    dense_acts: dict[str, Tensor]
+    reports: dict[str, list[LatentReport]]
+
+
+def measure_saes(
+    saes: dict[str, "SAE"],
+    store: "ActivationStore",
+    hook: str,
+    tokens: Int[Tensor, "n_docs max_len"],
+    decode: Decoder,
+    scale: float = 1.0,
+    dense_threshold: float = 0.1,
+    k: int = 8,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> SAEMeasures:
+    """Held-out statistics of each SAE with bootstrap intervals, and a report of every dense latent
+    (Farrell's check: examine every latent above ``dense_threshold`` density).
+
+    ``store``: the held-out :class:`saelib.lm.activations.ActivationStore` (BOS rows left out of
+    every statistic) whose documents are the rows of ``tokens`` (``[n_docs, max_len]``, padded;
+    :class:`saelib.data.corpus.DocumentTokens` ``.tokens``); activations are read at ``hook`` and
+    multiplied by ``scale`` (the training input scale). ``k`` contexts per report. Raises
+    ValueError as :func:`sae_statistics` and :func:`examine_latents` do.
+    """
+    x, keep = store[hook], store.pos > 0
+    lengths = store.lengths
+    mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    quality = {name: sae_statistics(sae, x, keep, scale, doc=store.doc) for name, sae in saes.items()}
+    intervals = {name: statistic_intervals(q, dense_threshold, n_boot, seed=seed) for name, q in quality.items()}
+    dense = {name: dense_latents(q["density"], dense_threshold).tolist() for name, q in quality.items()}  # type: ignore[arg-type]
+    dense_acts = {name: pad_by_document(encode_latents(saes[name], x, dense[name], scale), lengths) for name in saes}
+    reports = {name: examine_latents(dense_acts[name], tokens, decode, range(len(dense[name])), k=k, seed=seed,
+                                     mask=mask, latent_ids=dense[name]) for name in saes}
+    return SAEMeasures(quality, intervals, dense, dense_acts, reports)

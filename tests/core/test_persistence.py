@@ -668,3 +668,54 @@ def test_folder_saved_before_device_and_dtype_loads_on_cpu_float32(tmp_path):
     loaded = load_sae(folder)
     assert (loaded.cfg.device, loaded.cfg.dtype) == ("cpu", "float32")
     assert torch.equal(loaded.W_dec, sae.W_dec)
+
+
+def test_load_or_train_checkpoints_are_the_same_run_stopped_early(cache_dir, monkeypatch):
+    """A checkpoint after s steps equals a run whose steps are taken one by one and stopped at s:
+    the callback sees the SAE between steps, so it must hold exactly the state after s steps."""
+    import saelib.core.train
+    from saelib.core.persistence import checkpoint_folder, load_checkpoints, load_or_train
+    from saelib.core.train import train_sae
+
+    data = torch.randn(400, D_IN)
+    new = lambda: SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, seed=5))  # noqa: E731
+    sae, folder, now = load_or_train(new(), data, _train_cfg(steps=12), "d", checkpoints=(3, 6))
+    assert now
+    ckpts = load_checkpoints(folder)
+    assert list(ckpts) == [3, 6]
+    assert checkpoint_folder(folder, 3).name == f"{folder.name}-step3"
+    meta = json.loads((checkpoint_folder(folder, 6) / CFG_FILENAME).read_text())["saelib_training"]
+    assert meta["checkpoint_steps"] == 6 and meta["tokens_seen"] == 6 * 32
+    # the state after 3 steps, recorded independently by a callback on a fresh run
+    seen = {}
+    train_sae(new(), data, _train_cfg(steps=12),
+              callback=lambda step, s: seen.setdefault(step + 1, {k: v.clone() for k, v in s.state_dict().items()}))
+    for steps, ck in ckpts.items():
+        for k, v in ck.state_dict().items():
+            torch.testing.assert_close(v, seen[steps][k], rtol=0, atol=0, equal_nan=True)  # threshold: NaN for ReLU
+    assert not torch.equal(ckpts[3].W_enc, ckpts[6].W_enc) and not torch.equal(ckpts[6].W_enc, sae.W_enc)
+
+    # loads without training when every checkpoint is there; trains again when one is missing
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again instead of loading")
+
+    monkeypatch.setattr(saelib.core.train, "train_sae", no_training)
+    _, folder2, now2 = load_or_train(new(), data, _train_cfg(steps=12), "d", checkpoints=(3, 6))
+    assert folder2 == folder and not now2
+    import shutil
+    shutil.rmtree(checkpoint_folder(folder, 3))
+    with pytest.raises(AssertionError, match="trained again"):
+        load_or_train(new(), data, _train_cfg(steps=12), "d", checkpoints=(3, 6))
+
+
+def test_load_or_train_checkpoints_change_the_key_and_are_checked(cache_dir):
+    from saelib.core.persistence import load_checkpoints, load_or_train
+
+    data = torch.randn(300, D_IN)
+    new = lambda: SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE))  # noqa: E731
+    _, plain, _ = load_or_train(new(), data, _train_cfg(), "a")
+    _, with_ckpt, now = load_or_train(new(), data, _train_cfg(), "a", checkpoints=(5,))
+    assert now and with_ckpt != plain and load_checkpoints(plain) == {}
+    for bad in [(0,), (20,), (25,)]:
+        with pytest.raises(ValueError, match=r"checkpoints must be step counts in \[1, steps=20\)"):
+            load_or_train(new(), data, _train_cfg(), "a", checkpoints=bad)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING
 
@@ -33,8 +33,10 @@ class ConfidenceInterval:
         low, high: the interval's ends (``low <= high``), the ``(1 - level) / 2`` and
             ``(1 + level) / 2`` quantiles of the statistic over resampled documents.
         level: the interval's coverage, in (0, 1) (0.95 for a 95 % interval).
-        n: number of documents resampled.
+        n: number of units resampled.
         n_boot: number of bootstrap resamples.
+        unit: what was resampled ("documents" by default; e.g. "links" for a fraction of graph
+            links, which are not independent: such an interval understates the uncertainty).
 
     Raises ValueError for non-finite ends, ``low > high`` or a level outside (0, 1).
     """
@@ -45,6 +47,7 @@ class ConfidenceInterval:
     level: float
     n: int
     n_boot: int
+    unit: str = "documents"
 
     def __post_init__(self) -> None:
         if not 0 < self.level < 1:
@@ -121,6 +124,7 @@ def bootstrap_ci(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    unit: str = "documents",
 ) -> ConfidenceInterval:
     """Percentile-bootstrap confidence interval of a statistic over documents (Efron & Tibshirani
     1993, *An Introduction to the Bootstrap*, ch. 13).
@@ -136,7 +140,9 @@ def bootstrap_ci(
     mean loss per token with its token count as weight gives the mean loss per predicted token,
     ``sum(loss) / sum(count)``. A custom ``statistic`` is called on each resample as
     ``statistic(values)``, or ``statistic(values, weights)`` when weights are given, and must return
-    a finite number. For a ratio of two per-document sums see :func:`bootstrap_ratio_ci`.
+    a finite number. For a ratio of two per-document sums see :func:`bootstrap_ratio_ci`. ``unit``
+    names what the values are per (the interval's :attr:`ConfidenceInterval.unit`), when it is not
+    documents.
 
     Raises ValueError for empty, non-finite or non-1-D input, weights of another length, negative or
     summing to 0, ``n_boot < 1``, a level outside (0, 1), or a non-finite statistic.
@@ -151,8 +157,8 @@ def bootstrap_ci(
         if (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights must be >= 0 with a positive sum, got min {w.min()} and sum {w.sum()}")
     if statistic is None:
-        return _ratio_of_sums(x * w if w is not None else x, w if w is not None else np.ones_like(x),
-                              n_boot, level, seed)
+        ci = _ratio_of_sums(x * w if w is not None else x, w if w is not None else np.ones_like(x), n_boot, level, seed)
+        return replace(ci, unit=unit)
 
     def stat(idx: np.ndarray) -> float:
         value = float(statistic(x[idx]) if w is None else statistic(x[idx], w[idx]))
@@ -161,7 +167,7 @@ def bootstrap_ci(
         return value
 
     boot = np.array([stat(row) for idx in _resampled_indices(x.size, n_boot, seed) for row in idx])
-    return _interval(stat(np.arange(x.size)), boot, level, x.size)
+    return replace(_interval(stat(np.arange(x.size)), boot, level, x.size), unit=unit)
 
 
 def bootstrap_ratio_ci(

@@ -521,7 +521,7 @@ def claims_table(claims: Sequence[Claim]) -> str:
         tol = f"{c.tolerance:.3f}"
         if c.interval is not None:
             ci = c.interval
-            tol += f" ({ci.level:.0%} CI [{_fmt(ci.low)}, {_fmt(ci.high)}] over {ci.n} documents)"
+            tol += f" ({ci.level:.0%} CI [{_fmt(ci.low)}, {_fmt(ci.high)}] over {ci.n} {ci.unit})"
         rows.append(f"| {c.text} | {c.source} | {c.published} | {_fmt(c.measured)} | "
                     f"{tol} | {ratio} | {c.n_seeds} | {holds} |" + (f" {_convergence(c)} |" if curves else ""))
     return "\n".join(rows)

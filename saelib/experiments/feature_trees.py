@@ -54,10 +54,12 @@ of its tokens can still pass by chance, and a parent that fires almost everywher
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import networkx as nx
 import numpy as np
+import scipy.sparse as sp
 import torch
 from jaxtyping import Float
 from matplotlib.axes import Axes
@@ -65,10 +67,13 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ..core.metrics import active
+from .bootstrap import ConfidenceInterval, bootstrap_ci
 
 __all__ = [
     "MCS_THRESHOLD",
     "MIN_SUPPORT",
+    "LinkSummary",
+    "link_summary",
     "directed_mcs",
     "symmetric_mcs",
     "fraction_outside",
@@ -122,27 +127,40 @@ def _support(acts: Tensor) -> Tensor:
     return active(acts).sum(0)
 
 
+def _sparse_rows(t: Tensor) -> sp.csr_matrix:
+    """``t`` (``[rows, d]``, mostly zeros: SAE activations) as a float64 scipy CSR matrix."""
+    rows, cols = t.nonzero(as_tuple=True)
+    return sp.csr_matrix((t[rows, cols].double().numpy(), (rows.numpy(), cols.numpy())), shape=tuple(t.shape))
+
+
 def _masked_sums(
     acts_a: Tensor, acts_b: Tensor, chunk_size: int
 ) -> dict[str, Tensor]:
-    """Token sums needed by both MCS variants, accumulated in float64 over token chunks."""
+    """Token sums needed by the MCS variants and :func:`fraction_outside`, accumulated in float64 over
+    token chunks as sparse products (SAE activations are sparse: a product costs about
+    ``sum_t nnz_a(t) nnz_b(t)``, not ``n_tokens d_a d_b``)."""
     d_a, d_b = acts_a.shape[1], acts_b.shape[1]
-    dot = torch.zeros(d_a, d_b, dtype=torch.float64)  # sum_t a_ti b_tj
-    a2_on_b = torch.zeros(d_a, d_b, dtype=torch.float64)  # sum_t a_ti^2 [b_tj > 0]
-    b2_on_a = torch.zeros(d_a, d_b, dtype=torch.float64)  # sum_t b_tj^2 [a_ti > 0]
+    names = ("dot", "a2_on_b", "b2_on_a", "on_a_dot_on_b", "on_a_dot_b")
+    sums = {name: np.zeros((d_a, d_b)) for name in names}
+    a2, b2, b_mass, b_count = np.zeros(d_a), np.zeros(d_b), np.zeros(d_b), np.zeros(d_b)
     for start in range(0, acts_a.shape[0], chunk_size):
-        a = acts_a[start : start + chunk_size].double()  # [chunk, d_a]
-        b = acts_b[start : start + chunk_size].double()  # [chunk, d_b]
-        dot += a.T @ b
-        a2_on_b += a.square().T @ active(b).double()
-        b2_on_a += active(a).double().T @ b.square()
-    return {
-        "dot": dot,
-        "a2_on_b": a2_on_b,
-        "b2_on_a": b2_on_a,
-        "a2": acts_a.double().square().sum(0),  # [d_a]
-        "b2": acts_b.double().square().sum(0),  # [d_b]
-    }
+        a = _sparse_rows(acts_a[start : start + chunk_size].cpu())  # [chunk, d_a]
+        b = _sparse_rows(acts_b[start : start + chunk_size].cpu())  # [chunk, d_b]
+        a_on, b_on = (a > 0).astype(np.float64), (b > 0).astype(np.float64)
+        at, at_on = a.T.tocsr(), a_on.T.tocsr()
+        sums["dot"] += (at @ b).toarray()  # sum_t a_ti b_tj
+        sums["a2_on_b"] += (at.multiply(at) @ b_on).toarray()  # sum_t a_ti^2 [b_tj > 0]
+        sums["b2_on_a"] += (at_on @ b.multiply(b)).toarray()  # sum_t b_tj^2 [a_ti > 0]
+        sums["on_a_dot_on_b"] += (at_on @ b_on).toarray()  # tokens where both fire
+        sums["on_a_dot_b"] += (at_on @ b).toarray()  # b's mass where a fires
+        a2 += np.asarray(a.multiply(a).sum(0)).ravel()
+        b2 += np.asarray(b.multiply(b).sum(0)).ravel()
+        b_mass += np.asarray(b.sum(0)).ravel()
+        b_count += np.asarray(b_on.sum(0)).ravel()
+    out = {name: torch.from_numpy(v) for name, v in sums.items()}
+    out["a2"], out["b2"] = torch.from_numpy(a2), torch.from_numpy(b2)  # [d_a], [d_b]: sum_t a_ti^2, sum_t b_tj^2
+    out["b_mass"], out["b_count"] = torch.from_numpy(b_mass), torch.from_numpy(b_count)  # sum_t b_tj, sum_t [b_tj > 0]
+    return out
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
@@ -170,11 +188,15 @@ def directed_mcs(
     """
     _check_min_support(min_support)
     _check_pair(acts_a, acts_b)
-    s = _masked_sums(acts_a, acts_b, chunk_size)
+    return _directed(_masked_sums(acts_a, acts_b, chunk_size), acts_a, acts_b, scale_by_max, min_support)
+
+
+def _directed(s: dict[str, Tensor], acts_a: Tensor, acts_b: Tensor, scale_by_max: bool,
+              min_support: int | None) -> Tensor:
     cos = _safe_div(s["dot"], s["a2_on_b"].sqrt() * s["b2"].sqrt()[None, :])
     if scale_by_max:
-        max_a = acts_a.double().amax(0)  # [d_a]
-        max_b = acts_b.double().amax(0)  # [d_b]
+        max_a = acts_a.amax(0).double()  # [d_a]
+        max_b = acts_b.amax(0).double()  # [d_b]
         cos = cos * _safe_div(max_b[None, :], max_a[:, None].expand(-1, len(max_b)))
     if min_support is not None:
         cos = cos.masked_fill((_support(acts_b) < min_support)[None, :], 0.0)
@@ -192,7 +214,10 @@ def symmetric_mcs(
     Raises ValueError as :func:`directed_mcs`.
     """
     _check_pair(acts_a, acts_b)
-    s = _masked_sums(acts_a, acts_b, chunk_size)
+    return _symmetric(_masked_sums(acts_a, acts_b, chunk_size))
+
+
+def _symmetric(s: dict[str, Tensor]) -> Tensor:
     on_b = _safe_div(s["dot"], s["a2_on_b"].sqrt() * s["b2"].sqrt()[None, :])
     on_a = _safe_div(s["dot"], s["a2"].sqrt()[:, None] * s["b2_on_a"].sqrt())
     return torch.maximum(on_a, on_b).float()
@@ -211,12 +236,12 @@ def fraction_outside(
     weak firing. Raises ValueError as :func:`directed_mcs`.
     """
     _check_pair(acts_a, acts_b)
-    inside = torch.zeros(acts_a.shape[1], acts_b.shape[1], dtype=torch.float64)
-    for start in range(0, acts_a.shape[0], chunk_size):
-        a_on = active(acts_a[start : start + chunk_size]).double()
-        b = acts_b[start : start + chunk_size].double()
-        inside += a_on.T @ (b if weighted else active(b).double())
-    total = acts_b.double().sum(0) if weighted else active(acts_b).double().sum(0)  # [d_b]
+    return _outside(_masked_sums(acts_a, acts_b, chunk_size), weighted)
+
+
+def _outside(s: dict[str, Tensor], weighted: bool) -> Tensor:
+    inside = s["on_a_dot_b"] if weighted else s["on_a_dot_on_b"]
+    total = s["b_mass"] if weighted else s["b_count"]  # [d_b]
     return _safe_div(total[None, :] - inside, total[None, :].expand_as(inside)).float()
 
 
@@ -276,11 +301,13 @@ def build_feature_dag(
             )
     for level in range(len(acts) - 1):
         a, b = acts[level], acts[level + 1]
-        directed = directed_mcs(a, b, chunk_size=chunk_size)
-        cosine = directed_mcs(a, b, scale_by_max=False, chunk_size=chunk_size)
-        symmetric = symmetric_mcs(a, b, chunk_size=chunk_size)
-        outside = fraction_outside(a, b, chunk_size=chunk_size)
-        outside_mass = fraction_outside(a, b, weighted=True, chunk_size=chunk_size)
+        _check_pair(a, b)
+        sums = _masked_sums(a, b, chunk_size)  # once per pair of levels: every score below reads them
+        directed = _directed(sums, a, b, scale_by_max=True, min_support=None)
+        cosine = _directed(sums, a, b, scale_by_max=False, min_support=None)
+        symmetric = _symmetric(sums)
+        outside = _outside(sums, weighted=False)
+        outside_mass = _outside(sums, weighted=True)
         chosen = directed if score == "directed" else symmetric
         links = chosen >= threshold  # [d_a, d_b]
         if min_support is not None:
@@ -587,3 +614,53 @@ def plot_mcs_comparison(
     ax.set_ylabel("symmetric MCS")
     ax.set_title(title)
     return fig
+
+
+@dataclass
+class LinkSummary:
+    """What notebook 08 reads off a feature DAG (:func:`link_summary`).
+
+    Attributes:
+        n_links: links in the DAG.
+        removed_by_support: links that passed the threshold but not the support floor.
+        by_factor: links whose cosine alone is below the threshold (they pass only through the
+            factor ``max(B)/max(A) > 1``).
+        inside: links whose child fires mostly (on more than half of its tokens) where its
+            parent fires.
+        multi: :func:`multi_parent_latents` of the DAG.
+        tree: :func:`best_parent_tree` of the DAG.
+        chain: :func:`longest_chain` of the tree.
+        inside_frac, by_factor_frac: the two fractions of links with bootstrap intervals over
+            links (``unit="links"``; links sharing a latent are not independent, so these
+            intervals understate the uncertainty); None when there is no link.
+    """
+
+    n_links: int
+    removed_by_support: int
+    by_factor: list[tuple[Node, Node]]
+    inside: list[tuple[Node, Node]]
+    multi: list[tuple[Node, list[tuple[Node, float]]]]
+    tree: nx.DiGraph
+    chain: list[Node]
+    inside_frac: ConfidenceInterval | None
+    by_factor_frac: ConfidenceInterval | None
+
+
+def link_summary(dag: nx.DiGraph, threshold: float = MCS_THRESHOLD, n_boot: int = 1000, seed: int = 0) -> LinkSummary:
+    """The links of a DAG from :func:`build_feature_dag` counted the ways notebook 08 checks
+    Nabeshima's trees: which pass only through the factor ``max(B)/max(A)`` (cosine below
+    ``threshold``), which children fire mostly inside their parent's support (``outside < 0.5``),
+    the latents with several parents and the longest best-parent chain, with bootstrap intervals of
+    the two fractions over links."""
+    links = list(dag.edges(data=True))
+    by_factor = [(p, c) for p, c, d in links if d["cosine"] < threshold]
+    inside = [(p, c) for p, c, d in links if d["outside"] < 0.5]
+    tree = best_parent_tree(dag)
+
+    def frac(flags: list[float]) -> ConfidenceInterval | None:
+        return bootstrap_ci(flags, n_boot=n_boot, seed=seed, unit="links") if flags else None
+
+    return LinkSummary(len(links), sum(dag.graph.get("removed_by_support", [0])), by_factor, inside,
+                       multi_parent_latents(dag), tree, longest_chain(tree),
+                       frac([float(d["outside"] < 0.5) for _, _, d in links]),
+                       frac([float(d["cosine"] < threshold) for _, _, d in links]))

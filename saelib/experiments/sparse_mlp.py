@@ -58,6 +58,7 @@ from ..core.precision import autocast, resolve_precision
 from ..core.sae import SAE, SAEConfig
 from ..core.train import TrainConfig, train_sae
 from ..core.transcoder import SparseMLP, fold_scales, mlp_hook_names
+from .bootstrap import ConfidenceInterval, bootstrap_ratio_ci
 
 if TYPE_CHECKING:
     from ..data.corpus import DocumentTokens
@@ -75,6 +76,8 @@ __all__ = [
     "penalty_coefficients",
     "sparse_mlp_train_config",
     "train_sparse_mlps",
+    "train_sparse_mlps_with_checkpoints",
+    "spliced_losses_many",
     "loss_recovered",
     "spliced_losses",
     "neuron_cosines",
@@ -182,6 +185,28 @@ def train_sparse_mlps(
     Raises ValueError if the two tensors differ in length or are not 2-D, and
     :class:`saelib.core.train.TrainingDivergedError` if training diverges.
     """
+    return train_sparse_mlps_with_checkpoints(mlp_in, mlp_out, cfg, layer, hooks)[-1]
+
+
+def train_sparse_mlps_with_checkpoints(
+    mlp_in: Float[Tensor, "n_tok d_model"],
+    mlp_out: Float[Tensor, "n_tok d_model"],
+    cfg: SparseMLPConfig,
+    layer: int = 0,
+    hooks: tuple[str, str] = ("", ""),
+    checkpoints: Sequence[int] = (),
+) -> list[SparseMLP]:
+    """:func:`train_sparse_mlps`, also keeping the sparse MLPs after each of ``checkpoints``
+    optimiser steps (each in ``[1, cfg.train.steps)``) of the same run: returns them, fewest steps
+    first, then the trained ones (last). Training tokens drawn at a checkpoint: ``steps *
+    cfg.train.batch_size``. Raises ValueError for a checkpoint out of range, and as
+    :func:`train_sparse_mlps`.
+    """
+    import copy
+
+    steps = sorted({int(c) for c in checkpoints})
+    if any(not 1 <= c < cfg.train.steps for c in steps):
+        raise ValueError(f"checkpoints must be step counts in [1, steps={cfg.train.steps}), got {list(checkpoints)}")
     if mlp_in.ndim != 2 or mlp_out.ndim != 2 or len(mlp_in) != len(mlp_out):
         raise ValueError(f"mlp_in and mlp_out must be [n_tok, d] with equal n_tok, got {tuple(mlp_in.shape)}, {tuple(mlp_out.shape)}")
     d_model_in, d_model_out = mlp_in.shape[1], mlp_out.shape[1]
@@ -199,9 +224,19 @@ def train_sparse_mlps(
     )
     sae = SAE(sae_cfg)
     train_cfg = sparse_mlp_train_config(cfg, d_model_out)
-    history = train_sae(sae, (mlp_in * in_scale, mlp_out * out_scale), train_cfg)
-    fold_scales(sae, in_scale, out_scale)
-    return SparseMLP(sae, layer, cfg.S_values, hooks[0], hooks[1], in_scale, out_scale, history)
+    snapshots: list[SAE] = []
+
+    def keep(step: int, trained: SAE) -> None:  # step counts from 0: the state after step + 1 steps
+        if step + 1 in steps:
+            snapshots.append(copy.deepcopy(trained).eval())
+
+    history = train_sae(sae, (mlp_in * in_scale, mlp_out * out_scale), train_cfg, callback=keep if steps else None)
+    out = []
+    for trained in snapshots + [sae]:
+        fold_scales(trained, in_scale, out_scale)
+        out.append(SparseMLP(trained, layer, cfg.S_values, hooks[0], hooks[1], in_scale, out_scale,
+                             history if trained is sae else None))
+    return out
 
 
 def sparse_mlp_train_config(cfg: SparseMLPConfig, d_model_out: int) -> TrainConfig:
@@ -232,7 +267,10 @@ class LossRecovered:
 
     ``loss_sparse`` and ``kl_sparse`` hold one value per ``S``; ``kl_*`` is the mean
     ``KL(p_orig || p_spliced)``; ``l0`` is each instance's mean number of active sparse neurons
-    per spliced held-out token."""
+    per spliced held-out token. ``per_document`` holds each held-out document's sums (float64,
+    ``[n_docs]``; ``[inst, n_docs]`` for ``"sparse"`` and ``"kl_sparse"``): ``"orig"``, ``"zero"``,
+    ``"sparse"`` (cross-entropy summed over its predicted tokens), ``"kl_sparse"``, ``"n_pred"``,
+    for the bootstrap intervals :meth:`recovered_ci` and :meth:`kl_ci`."""
 
     layer: int
     S_values: tuple[float, ...]
@@ -245,6 +283,26 @@ class LossRecovered:
     kl_sparse: list[float]
     l0: list[float]
     n_tokens: int
+    per_document: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def recovered_ci(self, instance: int, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> ConfidenceInterval:
+        """Loss recovered of sparse MLP ``instance`` (zero ablation) with a percentile-bootstrap
+        interval over held-out documents: the ratio of the per-document sums of ``L_zero -
+        L_sparse`` and ``L_zero - L_orig`` (:func:`saelib.experiments.bootstrap.bootstrap_ratio_ci`;
+        its estimate equals :attr:`recovered`). Raises ValueError when the per-document sums were
+        not kept (a result not made by :func:`spliced_losses`), and as the bootstrap does."""
+        if not self.per_document:
+            raise ValueError("no per-document losses: compute the result with spliced_losses")
+        d = self.per_document
+        return bootstrap_ratio_ci(d["zero"] - d["sparse"][instance], d["zero"] - d["orig"], n_boot, level, seed)
+
+    def kl_ci(self, instance: int, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> ConfidenceInterval:
+        """Mean KL(p_orig || p_spliced) per predicted token of sparse MLP ``instance``, with a
+        bootstrap interval over held-out documents (nats). Raises ValueError as :meth:`recovered_ci`."""
+        if not self.per_document:
+            raise ValueError("no per-document losses: compute the result with spliced_losses")
+        d = self.per_document
+        return bootstrap_ratio_ci(d["kl_sparse"][instance], d["n_pred"], n_boot, level, seed)
 
     @property
     def recovered(self) -> list[float]:
@@ -263,16 +321,17 @@ def _ce_and_kl(
     tokens: Int[Tensor, "b pos"],
     valid: Tensor,
 ) -> tuple[float, float, Float[Tensor, "b pos-1 vocab"]]:
-    """Summed next-token cross-entropy and summed KL(ref || this) over the predicted tokens that
-    are ``valid`` (``[b, pos-1]`` bool: the target lies inside its document), float32 per token,
-    float64 sums; and the log-probabilities."""
+    """Per row ``[b]``: next-token cross-entropy and KL(ref || this) summed over the predicted
+    tokens that are ``valid`` (``[b, pos-1]`` bool: the target lies inside its document), float32
+    per token, float64 sums on the CPU (KL zeros without ``ref_logprobs``); and the
+    log-probabilities."""
     logprobs = logits[:, :-1].float().log_softmax(-1)  # [b, pos-1, vocab] predictions of tokens 1..
     ce = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]  # [b, pos-1]
-    kl = 0.0
+    kl = torch.zeros(len(tokens), dtype=torch.float64)
     if ref_logprobs is not None:
         kl_tok = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)  # [b, pos-1]
-        kl = float(kl_tok[valid].double().sum())
-    return float(ce[valid].double().sum()), kl, logprobs
+        kl = kl_tok.double().masked_fill(~valid, 0).sum(-1).cpu()
+    return ce.double().masked_fill(~valid, 0).sum(-1).cpu(), kl, logprobs
 
 
 @torch.no_grad()
@@ -296,7 +355,8 @@ def spliced_losses(
     (``hook_resid_mid``), the MLP's input and output; every variant then writes
     ``resid_mid + new MLP output`` and runs only the blocks after the layer
     (``start_at_layer``), which gives the same logits as replacing ``hook_mlp_out`` in a full
-    pass (tested) at a fraction of the cost for late layers.
+    pass (tested) at a fraction of the cost for late layers. Each held-out row is one document
+    (for :meth:`LossRecovered.recovered_ci`).
 
     The replacement happens at positions 1.. when ``skip_bos`` (BOS keeps its own MLP output in
     every variant, since the sparse MLP never saw BOS in training), else at every position.
@@ -305,25 +365,46 @@ def spliced_losses(
     from float32 log-probabilities either way.
     Raises ValueError if ``mean_mlp_out`` has the wrong width, or for an unknown ``precision``.
     """
+    return spliced_losses_many(model, tokens, [sparse_mlp], mean_mlp_out, tokens_per_batch, skip_bos, progress,
+                               precision)[0]
+
+
+@torch.no_grad()
+def spliced_losses_many(
+    model: HookedTransformer,
+    tokens: "Int[Tensor, 'n_seq pos'] | DocumentTokens",
+    sparse_mlps: Sequence[SparseMLP],
+    mean_mlp_out: Float[Tensor, " d_model"],
+    tokens_per_batch: int = 2048,
+    skip_bos: bool = True,
+    progress: bool = True,
+    precision: str = "float32",
+) -> list[LossRecovered]:
+    """:func:`spliced_losses` of several sparse MLPs of one layer (e.g. the checkpoints of one
+    run), sharing the clean pass and the two ablations: one :class:`LossRecovered` per sparse MLP,
+    in order, each the same as :func:`spliced_losses` of it alone. Raises ValueError for an empty
+    list or sparse MLPs of different layers, and as :func:`spliced_losses`."""
     from ..lm.activations import length_batches
     from ..data.corpus import DocumentTokens
 
     d_model = model.cfg.d_model
+    if not sparse_mlps or len({sm.layer for sm in sparse_mlps}) != 1:
+        raise ValueError(f"need sparse MLPs of one layer, got layers {[sm.layer for sm in sparse_mlps]}")
     if mean_mlp_out.shape != (d_model,):
         raise ValueError(f"mean_mlp_out must be [{d_model}], got {tuple(mean_mlp_out.shape)}")
     if not isinstance(tokens, DocumentTokens):
         n, pos = tokens.shape
         tokens = DocumentTokens(tokens, torch.full((n,), pos, dtype=torch.long, device=tokens.device),
                                 tuple(map(str, range(n))), 0, torch.zeros(n, dtype=torch.bool, device=tokens.device))
-    layer = sparse_mlp.layer
+    layer = sparse_mlps[0].layer
     in_hook, out_hook = mlp_hook_names(model, layer)
     mid_hook = utils.get_act_name("resid_mid", layer)
-    n_inst = sparse_mlp.sae.n_inst
+    n_docs = len(tokens.lengths)
     start = 1 if skip_bos else 0
-    sums = {"orig": 0.0, "zero": 0.0, "mean": 0.0}
-    kls = {"zero": 0.0, "mean": 0.0}
-    sparse_ce, sparse_kl, l0 = [0.0] * n_inst, [0.0] * n_inst, [0.0] * n_inst
-    n_pred, n_spliced = 0, 0
+    per_doc = {name: np.zeros(n_docs) for name in ("orig", "zero", "mean", "kl_zero", "kl_mean", "n_pred")}
+    sparse = [{"ce": np.zeros((sm.sae.n_inst, n_docs)), "kl": np.zeros((sm.sae.n_inst, n_docs)),
+               "l0": np.zeros(sm.sae.n_inst)} for sm in sparse_mlps]
+    n_spliced = 0
     cache: dict[str, Tensor] = {}
     device = next(model.parameters()).device  # tokens go to the model
     precision = resolve_precision(precision, device)
@@ -342,44 +423,47 @@ def spliced_losses(
         with autocast(precision, device):
             logits = model.run_with_hooks(batch, fwd_hooks=[(h, keep) for h in (mid_hook, in_hook, out_hook)])
         ce, _, ref = _ce_and_kl(logits, None, batch, valid)
-        sums["orig"] += ce
-        n_pred += int(valid.sum())
+        per_doc["orig"][rows] = ce.numpy()
+        per_doc["n_pred"][rows] = valid.sum(-1).cpu().numpy()
         mid, mlp_in, mlp_out = cache[mid_hook], cache[in_hook], cache[out_hook]
-        with autocast(precision, sparse_mlp.sae.W_enc.device):  # one encode for both
-            flat_out, flat_acts = sparse_mlp.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(sparse_mlp.sae.W_enc))
-        flat_out, flat_acts = flat_out.to(mlp_out), flat_acts.to(mlp_out.device)  # back to the model's side
-        outs = flat_out.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_model]
-        acts = flat_acts.reshape(*mlp_in.shape[:2], n_inst, -1)  # [b, width, inst, d_sae]
-        variants = {"zero": mlp_out.new_zeros(d_model), "mean": mean_mlp_out.to(mlp_out)}
-        variants.update({i: outs[..., i, :] for i in range(n_inst)})
-        for name, value in variants.items():
+
+        def splice(value: Tensor) -> tuple[Tensor, Tensor]:  # value: [d_model] or [b, width, d_model]
             new_out = mlp_out.clone()
             new_out[:, start:] = value[:, start:] if value.ndim == 3 else value
             with autocast(precision, device):
                 logits = model(mid + new_out, start_at_layer=layer + 1)
             ce, kl, _ = _ce_and_kl(logits, ref, batch, valid)
-            if isinstance(name, int):
-                sparse_ce[name] += ce
-                sparse_kl[name] += kl
-            else:
-                sums[name] += ce
-                kls[name] += kl
-        for i in range(n_inst):
-            l0[i] += float(active(acts[..., i, :][spliced]).sum())
+            return ce, kl
+
+        for name, value in (("zero", mlp_out.new_zeros(d_model)), ("mean", mean_mlp_out.to(mlp_out))):
+            ce, kl = splice(value)
+            per_doc[name][rows], per_doc[f"kl_{name}"][rows] = ce.numpy(), kl.numpy()
+        for sm, sums in zip(sparse_mlps, sparse):
+            with autocast(precision, sm.sae.W_enc.device):  # one encode for every instance
+                flat_out, flat_acts = sm.sae(mlp_in.reshape(-1, mlp_in.shape[-1]).to(sm.sae.W_enc))
+            outs = flat_out.to(mlp_out).reshape(*mlp_in.shape[:2], sm.sae.n_inst, -1)  # [b, width, inst, d_model]
+            acts = flat_acts.to(mlp_out.device).reshape(*mlp_in.shape[:2], sm.sae.n_inst, -1)  # [b, width, inst, d_sae]
+            for i in range(sm.sae.n_inst):
+                ce, kl = splice(outs[..., i, :])
+                sums["ce"][i, rows], sums["kl"][i, rows] = ce.numpy(), kl.numpy()
+                sums["l0"][i] += float(active(acts[..., i, :][spliced]).sum())
         n_spliced += int(spliced.sum())
-    return LossRecovered(
+    n_pred = per_doc["n_pred"].sum()
+    return [LossRecovered(
         layer=layer,
-        S_values=tuple(sparse_mlp.S_values),
-        loss_orig=sums["orig"] / n_pred,
-        loss_zero=sums["zero"] / n_pred,
-        loss_mean=sums["mean"] / n_pred,
-        loss_sparse=[c / n_pred for c in sparse_ce],
-        kl_zero=kls["zero"] / n_pred,
-        kl_mean=kls["mean"] / n_pred,
-        kl_sparse=[k / n_pred for k in sparse_kl],
-        l0=[v / max(n_spliced, 1) for v in l0],
-        n_tokens=n_pred,
-    )
+        S_values=tuple(sm.S_values),
+        loss_orig=float(per_doc["orig"].sum() / n_pred),
+        loss_zero=float(per_doc["zero"].sum() / n_pred),
+        loss_mean=float(per_doc["mean"].sum() / n_pred),
+        loss_sparse=(sums["ce"].sum(-1) / n_pred).tolist(),
+        kl_zero=float(per_doc["kl_zero"].sum() / n_pred),
+        kl_mean=float(per_doc["kl_mean"].sum() / n_pred),
+        kl_sparse=(sums["kl"].sum(-1) / n_pred).tolist(),
+        l0=(sums["l0"] / max(n_spliced, 1)).tolist(),
+        n_tokens=int(n_pred),
+        per_document={"orig": per_doc["orig"], "zero": per_doc["zero"], "sparse": sums["ce"],
+                      "kl_sparse": sums["kl"], "n_pred": per_doc["n_pred"]},
+    ) for sm, sums in zip(sparse_mlps, sparse)]
 
 
 # ---------------------------------------------------------------------------------------- neuron cosines
@@ -425,6 +509,9 @@ class SparseMLPSweep:
             neuron's best cosine with an original neuron (:func:`max_neuron_cosines`).
         alive_frac: per ``S``, fraction of sparse neurons that fired on the training tokens.
         seconds: wall time of activation collection, training and evaluation.
+        curve: the spliced losses at each checkpoint of the run, then the final ones (the
+            same as ``results``): ``{layer: [LossRecovered per checkpoint]}``.
+        tokens_seen: training tokens drawn at each point of ``curve``.
     """
 
     cfg: SparseMLPConfig
@@ -434,6 +521,8 @@ class SparseMLPSweep:
     best_cos: dict[int, dict[str, list[Tensor]]] = field(default_factory=dict, repr=False)
     alive_frac: dict[int, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: {"collect": 0.0, "train": 0.0, "evaluate": 0.0})
+    curve: dict[int, list[LossRecovered]] = field(default_factory=dict, repr=False)
+    tokens_seen: list[int] = field(default_factory=list)
 
 
 def sparse_mlp_sweep(
@@ -443,6 +532,7 @@ def sparse_mlp_sweep(
     cfg: SparseMLPConfig,
     layers: Sequence[int] | None = None,
     tokens_per_batch: int = 2048,
+    checkpoints: Sequence[int] = (),
 ) -> SparseMLPSweep:
     """For each layer: train one sparse MLP per ``S`` on the MLP's input and output over
     ``train_docs`` (every non-BOS token; harvested once for all layers with
@@ -451,14 +541,21 @@ def sparse_mlp_sweep(
     their neurons with the original MLP's (:func:`neuron_cosines`). Layers are trained one at a
     time, so memory holds one layer's activations.
 
+    ``checkpoints``: optimiser-step counts at which the sparse MLPs of the same run are also
+    spliced in (:func:`train_sparse_mlps_with_checkpoints`, :func:`spliced_losses_many`), for a
+    convergence curve (``curve``, ``tokens_seen``).
+
     ``seconds`` records ``"collect"`` (harvest, or reading the cache), ``"train"`` and
-    ``"evaluate"``. Raises ValueError for a layer the model does not have.
+    ``"evaluate"``. Raises ValueError for a layer the model does not have or a checkpoint out of
+    range.
     """
     from ..lm.activations import harvest_activations
 
     model = lm.model
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     out = SparseMLPSweep(cfg, layers)
+    out.tokens_seen = [int(c) * cfg.train.batch_size for c in sorted({int(c) for c in checkpoints})]
+    out.tokens_seen.append(cfg.train.steps * cfg.train.batch_size)
     hooks = {layer: mlp_hook_names(model, layer) for layer in layers}
     t0 = time.perf_counter()
     precision = cfg.train.precision  # harvest, training and splicing in one precision
@@ -470,10 +567,12 @@ def sparse_mlp_sweep(
         t0 = time.perf_counter()
         x, y = store[hooks[layer][0]][rows].float(), store[hooks[layer][1]][rows].float()
         t1 = time.perf_counter()
-        sm = train_sparse_mlps(x, y, cfg, layer=layer, hooks=hooks[layer])
+        sms = train_sparse_mlps_with_checkpoints(x, y, cfg, layer=layer, hooks=hooks[layer], checkpoints=checkpoints)
+        sm = sms[-1]
         t2 = time.perf_counter()
-        out.results[layer] = spliced_losses(model, heldout_docs, sm, y.mean(0), tokens_per_batch=tokens_per_batch,
-                                            progress=cfg.train.progress, precision=precision)
+        out.curve[layer] = spliced_losses_many(model, heldout_docs, sms, y.mean(0), tokens_per_batch=tokens_per_batch,
+                                               progress=cfg.train.progress, precision=precision)
+        out.results[layer] = out.curve[layer][-1]
         alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool, device=sm.sae.W_enc.device)
         for i in range(0, len(x), 2048):
             alive |= active(sm.latents(x[i : i + 2048])).any(0)
@@ -490,8 +589,9 @@ def sparse_mlp_sweep(
 # ---------------------------------------------------------------------------------------- reporting
 def recovered_at_l0(result: LossRecovered, max_l0: float) -> dict[str, float] | None:
     """The swept ``S`` with the highest loss recovered (zero ablation) among those whose L0 is at
-    most ``max_l0``: ``{"S", "L0", "recovered", "recovered_vs_mean", "kl"}``, or None when every
-    ``S`` is denser than ``max_l0``. Raises ValueError if ``max_l0 <= 0``."""
+    most ``max_l0``: ``{"S", "L0", "recovered", "recovered_vs_mean", "kl", "instance"}``
+    (``instance``: its index, for :meth:`LossRecovered.recovered_ci`), or None when every ``S`` is
+    denser than ``max_l0``. Raises ValueError if ``max_l0 <= 0``."""
     if not max_l0 > 0:
         raise ValueError(f"max_l0 must be > 0, got {max_l0}")
     ok = [i for i, l0 in enumerate(result.l0) if l0 <= max_l0]
@@ -499,7 +599,7 @@ def recovered_at_l0(result: LossRecovered, max_l0: float) -> dict[str, float] | 
         return None
     i = max(ok, key=lambda j: result.recovered[j])
     return {"S": result.S_values[i], "L0": result.l0[i], "recovered": result.recovered[i],
-            "recovered_vs_mean": result.recovered_vs_mean[i], "kl": result.kl_sparse[i]}
+            "recovered_vs_mean": result.recovered_vs_mean[i], "kl": result.kl_sparse[i], "instance": i}
 
 
 def loss_recovered_table(results: Sequence[LossRecovered], max_l0: float, dead_frac: dict[int, list[float]] | None = None) -> str:

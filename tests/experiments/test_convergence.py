@@ -283,3 +283,54 @@ def test_same_seed_same_interval_other_seed_other_interval():
 def test_bad_input_is_rejected(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_bootstrap_counts_ci_draws_what_bootstrap_ci_draws():
+    """The mean through resampling counts equals the mean of the resampled values, resample by
+    resample (same seed): so the two intervals are identical."""
+    from saelib.experiments.bootstrap import bootstrap_counts_ci
+
+    x = np.random.default_rng(0).normal(size=40)
+    counts_ci = bootstrap_counts_ci(lambda w: float(w @ x / w.sum()), 40, n_boot=500, seed=3)
+    plain = cl.bootstrap_ci(x, n_boot=500, seed=3)
+    assert counts_ci.estimate == pytest.approx(x.mean())
+    assert (counts_ci.low, counts_ci.high) == pytest.approx((plain.low, plain.high), abs=1e-12)
+    with pytest.raises(ValueError, match="non-finite"):
+        bootstrap_counts_ci(lambda w: float("nan"), 5)
+    with pytest.raises(ValueError, match="n_documents"):
+        bootstrap_counts_ci(lambda w: 0.0, 0)
+
+
+def test_bootstrap_ci_names_its_unit_in_the_table():
+    ci = cl.bootstrap_ci([0.0, 1.0] * 20, unit="links")
+    assert ci.unit == "links"
+    table = cl.claims_table([cl.below("a fraction", ci, 0.9, source="this project")])
+    assert "over 40 links" in table
+
+
+def test_converged_claims_joins_lists_point_by_point():
+    def at(v, flag):
+        return [cl.below("x", cl.ConfidenceInterval(v, v - 0.01, v + 0.01, 0.95, 10, 100), 1.0, source="this project"),
+                cl.finding("f", flag)]
+
+    out = cl.converged_claims([at(0.5, True), at(0.3, True), at(0.3, False)], [10, 20, 40])
+    assert [c.text for c in out] == ["x", "f"]
+    assert out[0].converged and out[0].curve == (0.5, 0.3, 0.3) and len(out[0].curve_se) == 3
+    assert not out[1].converged  # the finding's verdict changed between the last two points
+    with pytest.raises(ValueError, match="same claims"):
+        cl.converged_claims([at(0.5, True), at(0.3, True)[:1], at(0.3, True)], [10, 20, 40])
+
+
+def test_plot_claim_convergence_draws_numeric_curves_only():
+    from matplotlib.figure import Figure
+
+    from saelib.figures.convergence import plot_claim_convergence
+
+    pts = [[cl.below("x", cl.ConfidenceInterval(v, v - 0.01, v + 0.01, 0.95, 10, 100), 1.0, source="this project"),
+            cl.finding("f", True)] for v in (0.5, 0.4, 0.2)]
+    claims = cl.converged_claims(pts, [10, 20, 40])
+    fig = plot_claim_convergence(claims)
+    assert isinstance(fig, Figure) and len([ax for ax in fig.axes if ax.get_visible()]) == 1
+    assert "undecided" in fig.axes[0].get_title()  # 0.4 -> 0.2 is beyond two standard errors
+    with pytest.raises(ValueError, match="no claim has a numeric convergence curve"):
+        plot_claim_convergence([claims[1]])

@@ -289,3 +289,23 @@ def test_plot_mcs_comparison_counts():
     assert len(fig.axes[0].collections[0].get_offsets()) == 5  # the pair at (0, 0) is left out
     with pytest.raises(ValueError, match="must match"):
         ft.plot_mcs_comparison(d, s[:1])
+
+
+def test_link_summary_counts_links_by_hand():
+    import networkx as nx
+
+    from saelib.experiments.feature_trees import link_summary
+
+    dag = nx.DiGraph(removed_by_support=[2, 1])
+    edges = {((0, 0), (1, 0)): (0.9, 0.1), ((0, 1), (1, 0)): (0.5, 0.7), ((1, 0), (2, 0)): (0.7, 0.2),
+             ((0, 1), (1, 1)): (0.4, 0.3)}
+    for (p, c), (cos, outside) in edges.items():
+        dag.add_edge(p, c, score=cos + 0.2, cosine=cos, outside=outside)
+    s = link_summary(dag, threshold=0.6, n_boot=200)
+    assert s.n_links == 4 and s.removed_by_support == 3
+    assert set(s.by_factor) == {((0, 1), (1, 0)), ((0, 1), (1, 1))}  # cosine below 0.6
+    assert set(s.inside) == {((0, 0), (1, 0)), ((1, 0), (2, 0)), ((0, 1), (1, 1))}  # outside < 0.5
+    assert s.inside_frac.estimate == pytest.approx(0.75) and s.inside_frac.unit == "links"
+    assert s.by_factor_frac.estimate == pytest.approx(0.5)
+    assert [n for n, _ in s.multi] == [(1, 0)] and s.chain == [(0, 0), (1, 0), (2, 0)]
+    assert link_summary(nx.DiGraph()).inside_frac is None

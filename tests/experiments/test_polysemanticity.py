@@ -3,6 +3,7 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot  # noqa: E402  (the tests close figures through pyplot)
 
 import pytest
 import torch
@@ -302,3 +303,38 @@ def test_position_profiles_name_columns_by_sae_index_and_leave_bos_out_of_the_cu
     assert ax.get_title().startswith("latent 42 ") and "BOS 100%" in ax.get_title()
     xs, ys = ax.lines[0].get_data()
     assert list(xs) == [1, 2, 3, 4, 5] and max(ys) == 1.0  # BOS not drawn
+
+
+def test_sae_statistics_per_document_sums_and_their_intervals():
+    from saelib.core.metrics import active, fvu
+    from saelib.experiments.polysemanticity import sae_statistics, statistic_intervals
+
+    sae = _trained_like_sae()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 5, generator=g)
+    doc = torch.arange(6).repeat_interleave(10)  # 6 documents of 10 rows
+    keep = torch.ones(60, dtype=torch.bool)
+    keep[::10] = False  # each document's BOS row
+    stats = sae_statistics(sae, x, keep, scale=2.0, batch_size=7, doc=doc)
+    per = stats["per_document"]
+    assert per["tokens"].tolist() == [9.0] * 6
+    xk = 2.0 * x
+    with torch.no_grad():
+        x_hat, a = sae(xk)
+    mean = xk[keep].mean(0)
+    for d in range(6):  # each document's sums, by hand
+        rows = (doc == d) & keep
+        assert per["active"][d] == pytest.approx(float(active(a[rows, 0]).sum()))
+        assert per["sq_err"][d] == pytest.approx(float((xk[rows] - x_hat[rows, 0]).pow(2).sum()), rel=1e-5)
+        assert per["sq_dev"][d] == pytest.approx(float((xk[rows] - mean).pow(2).sum()), rel=1e-5)
+        torch.testing.assert_close(torch.from_numpy(per["fired"][d]).float(), active(a[rows, 0]).float().sum(0))
+    assert per["sq_err"].sum() / per["sq_dev"].sum() == pytest.approx(float(fvu(xk[keep], x_hat[keep, 0])), rel=1e-5)
+    ci = statistic_intervals(stats, dense_threshold=0.3, n_boot=300)
+    assert ci["L0"].estimate == pytest.approx(stats["L0"]) and ci["FVU"].estimate == pytest.approx(stats["FVU"])
+    assert ci["dense_frac"].estimate == pytest.approx(float((stats["density"] > 0.3).float().mean()))
+    for c in ci.values():
+        assert c.low <= c.estimate <= c.high and c.n == 6
+    with pytest.raises(ValueError, match="per-document"):
+        statistic_intervals(sae_statistics(sae, x, keep))
+    with pytest.raises(ValueError, match="doc must be"):
+        sae_statistics(sae, x, keep, doc=doc[:5])

@@ -29,7 +29,9 @@ from saelib.experiments.sparse_mlp import (
     penalty_coefficients,
     sparse_mlp_train_config,
     spliced_losses,
+    spliced_losses_many,
     train_sparse_mlps,
+    train_sparse_mlps_with_checkpoints,
 )
 
 
@@ -218,7 +220,8 @@ def test_loss_recovered_properties():
     assert r.recovered_vs_mean == [0.5, 0.0]
     # at L0 <= 10 both S qualify and S=1 recovers more; at L0 <= 6 only S=2 (L0 5) does; at L0 <= 4 none
     assert recovered_at_l0(r, 10)["S"] == 1.0 and recovered_at_l0(r, 10)["recovered"] == 0.75
-    assert recovered_at_l0(r, 6) == {"S": 2.0, "L0": 5.0, "recovered": 0.5, "recovered_vs_mean": 0.0, "kl": 0.2}
+    assert recovered_at_l0(r, 6) == {"S": 2.0, "L0": 5.0, "recovered": 0.5, "recovered_vs_mean": 0.0, "kl": 0.2,
+                                      "instance": 1}
     assert recovered_at_l0(r, 4) is None
     with pytest.raises(ValueError, match="max_l0 must be > 0"):
         recovered_at_l0(r, 0)
@@ -291,3 +294,75 @@ def test_sparse_mlp_config_passes_train_config_fields_through():
         SparseMLPConfig(steps=0)
     with pytest.raises(ValueError, match="must not be empty"):
         SparseMLPConfig(S_values=())
+
+
+# ---------------------------------------------------------------------------- checkpoints and intervals
+def _documents(g, lengths, vocab=40):
+    from saelib.data.corpus import DocumentTokens
+
+    tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, 1:n] = torch.randint(1, vocab, (n - 1,), generator=g)
+    return DocumentTokens(tokens, torch.tensor(lengths), tuple(map(str, range(len(lengths)))), 0,
+                          torch.zeros(len(lengths), dtype=torch.bool))
+
+
+def test_spliced_losses_many_equals_each_alone_and_keeps_per_document_sums():
+    model = tiny_model("RMS")
+    g = torch.Generator().manual_seed(4)
+    docs = _documents(g, [12, 5, 9, 3, 11, 7])
+    mean_out = torch.randn(16, generator=g)
+    copy_zero_mean = handmade_sparse_mlp(model, 0, mean_out)
+    other = handmade_sparse_mlp(model, 0, torch.randn(16, generator=g))
+    with torch.no_grad():
+        other.sae.W_dec.mul_(0.5)  # a half-strength copy: a loss strictly between the two
+    both = spliced_losses_many(model, docs, [copy_zero_mean, other], mean_out, tokens_per_batch=24, progress=False)
+    for together, alone_sm in zip(both, [copy_zero_mean, other]):
+        alone = spliced_losses(model, docs, alone_sm, mean_out, tokens_per_batch=24, progress=False)
+        for name in ("loss_orig", "loss_zero", "loss_mean", "kl_zero", "kl_mean", "n_tokens"):
+            assert getattr(together, name) == pytest.approx(getattr(alone, name), abs=1e-9)
+        assert together.loss_sparse == pytest.approx(alone.loss_sparse, abs=1e-9)
+        assert together.l0 == pytest.approx(alone.l0, abs=1e-9)
+    res = both[0]
+    d = res.per_document
+    assert d["n_pred"].tolist() == [11, 4, 8, 2, 10, 6]
+    assert d["orig"].sum() / d["n_pred"].sum() == pytest.approx(res.loss_orig, abs=1e-9)
+    assert d["sparse"].shape == (3, 6)
+    assert d["sparse"][0] == pytest.approx(d["orig"], abs=1e-4)  # instance 0 is an exact copy of the MLP
+    assert d["kl_sparse"][1].sum() / d["n_pred"].sum() == pytest.approx(res.kl_sparse[1], abs=1e-9)
+    # the interval's estimate is the plain loss recovered; the exact copy's interval is [1, 1]
+    ci = both[1].recovered_ci(0, n_boot=200)
+    r = both[1]  # loss recovered by hand: 1 - (L_sparse - L_orig) / (L_zero - L_orig), from the mean losses
+    assert ci.estimate == pytest.approx(1 - (r.loss_sparse[0] - r.loss_orig) / (r.loss_zero - r.loss_orig), abs=1e-9)
+    assert ci.low <= ci.estimate <= ci.high
+    assert ci.n == 6 and ci.unit == "documents"
+    exact = res.recovered_ci(0, n_boot=200)
+    assert exact.low == pytest.approx(1.0, abs=1e-4) and exact.high == pytest.approx(1.0, abs=1e-4)
+    assert res.kl_ci(1, n_boot=200).estimate == pytest.approx(res.kl_sparse[1], abs=1e-9)
+    with pytest.raises(ValueError, match="one layer"):
+        spliced_losses_many(model, docs, [copy_zero_mean, handmade_sparse_mlp(model, 1, mean_out)], mean_out)
+    with pytest.raises(ValueError, match="per-document"):
+        LossRecovered(0, (0.0,), 1.0, 2.0, 2.0, [1.5], 0.1, 0.1, [0.1], [1.0], 10).recovered_ci(0)
+
+
+def test_train_sparse_mlps_checkpoints_are_the_same_run_stopped_early():
+    from saelib.core.train import train_sae
+
+    g = torch.Generator().manual_seed(1)
+    x = 3.0 * torch.randn(512, 8, generator=g)
+    y = torch.relu(x @ torch.randn(8, 8, generator=g))
+    cfg = SparseMLPConfig(S_values=(-4.0, 0.0), d_sae=16, steps=30, batch_size=64, progress=False)
+    sms = train_sparse_mlps_with_checkpoints(x, y, cfg, checkpoints=(20, 10))
+    final = train_sparse_mlps(x, y, cfg)
+    assert len(sms) == 3 and sms[-1].history is not None and sms[0].history is None
+    torch.testing.assert_close(sms[-1].sae.W_enc, final.sae.W_enc, rtol=0, atol=0)
+    # the checkpoint after 10 steps is the run's SAE as it stood after its 10th step (input scale folded in)
+    seen = {}
+    sae = SAE(SAEConfig(d_in=8, d_sae=16, d_out=8, n_inst=2, apply_b_dec_to_input=False, seed=cfg.train.seed))
+    train_sae(sae, (x * normalisation_scale(x), y * normalisation_scale(y)), sparse_mlp_train_config(cfg, 8),
+              callback=lambda step, s: seen.setdefault(step + 1, s.W_enc.detach().clone()))
+    torch.testing.assert_close(sms[0].sae.W_enc, seen[10] * normalisation_scale(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sms[1].sae.W_enc, seen[20] * normalisation_scale(x), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(sms[0].sae.W_enc, sms[1].sae.W_enc)
+    with pytest.raises(ValueError, match=r"checkpoints must be step counts in \[1, steps=30\)"):
+        train_sparse_mlps_with_checkpoints(x, y, cfg, checkpoints=(30,))

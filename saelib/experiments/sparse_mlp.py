@@ -317,21 +317,34 @@ class LossRecovered:
 
 def _ce_and_kl(
     logits: Float[Tensor, "b pos vocab"],
-    ref_logprobs: Float[Tensor, "b pos-1 vocab"] | None,
+    ref: tuple[Tensor, Tensor] | None,
     tokens: Int[Tensor, "b pos"],
     valid: Tensor,
-) -> tuple[float, float, Float[Tensor, "b pos-1 vocab"]]:
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
     """Per row ``[b]``: next-token cross-entropy and KL(ref || this) summed over the predicted
     tokens that are ``valid`` (``[b, pos-1]`` bool: the target lies inside its document), float32
-    per token, float64 sums on the CPU (KL zeros without ``ref_logprobs``); and the
-    log-probabilities."""
-    logprobs = logits[:, :-1].float().log_softmax(-1)  # [b, pos-1, vocab] predictions of tokens 1..
-    ce = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]  # [b, pos-1]
-    kl = torch.zeros(len(tokens), dtype=torch.float64)
-    if ref_logprobs is not None:
-        kl_tok = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)  # [b, pos-1]
-        kl = kl_tok.double().masked_fill(~valid, 0).sum(-1).cpu()
-    return ce.double().masked_fill(~valid, 0).sum(-1).cpu(), kl, logprobs
+    per token, float64 sums on the CPU (KL zeros without ``ref``); and this pass as a reference:
+    ``(probs [b, pos, vocab], sum_v p log p [b, pos])``.
+
+    With ``z`` the logits and ``lse`` their log-sum-exp, ``log p = z - lse``, so the cross-entropy
+    is ``lse - z[target]`` and ``KL(ref || this) = sum_v q log q - sum_v q z + lse`` (``q`` the
+    reference probabilities, which sum to 1): one log-sum-exp and one dot product per token, with no
+    vocabulary-sized temporary."""
+    z = logits.float()  # [b, pos, vocab]
+    b, pos, vocab = z.shape
+    lse = torch.logsumexp(z, -1)  # [b, pos]
+    nxt = torch.cat([tokens[:, 1:], tokens[:, :1]], 1)  # the next token (the last position's is unused)
+    ce = (lse - z.gather(-1, nxt[..., None])[..., 0])[:, :-1]  # [b, pos-1]
+    kl = torch.zeros(b, dtype=torch.float64)
+    if ref is None:
+        logp = z - lse[..., None]
+        probs = logp.exp()
+        ref = (probs, torch.bmm(probs.view(-1, 1, vocab), logp.view(-1, vocab, 1)).view(b, pos))
+    else:
+        probs, neg_entropy = ref
+        cross = torch.bmm(probs.view(-1, 1, vocab), z.reshape(-1, vocab, 1)).view(b, pos)  # sum_v q z
+        kl = (neg_entropy - cross + lse)[:, :-1].double().masked_fill(~valid, 0).sum(-1).cpu()
+    return ce.double().masked_fill(~valid, 0).sum(-1).cpu(), kl, ref
 
 
 @torch.no_grad()

@@ -197,16 +197,20 @@ def test_spliced_losses_on_documents_of_unequal_length_count_each_document_alone
 
     out_hook = utils.get_act_name("mlp_out", layer)
     zero_from_1 = lambda act, hook: torch.cat([act[:, :1], torch.zeros_like(act[:, 1:])], 1)
-    orig, zero, n_pred = 0.0, 0.0, 0
+    orig, zero, kl_zero, n_pred = 0.0, 0.0, 0.0, 0
     with torch.no_grad():
         for i, n in enumerate(lengths):  # each document alone, no padding
             doc = tokens[i : i + 1, :n]
-            orig += hand_loss(model(doc), doc) * (n - 1)
-            zero += hand_loss(model.run_with_hooks(doc, fwd_hooks=[(out_hook, zero_from_1)]), doc) * (n - 1)
+            clean, ablated = model(doc), model.run_with_hooks(doc, fwd_hooks=[(out_hook, zero_from_1)])
+            orig += hand_loss(clean, doc) * (n - 1)
+            zero += hand_loss(ablated, doc) * (n - 1)
+            kl_zero += float(F.kl_div(ablated[0, :-1].double().log_softmax(-1), clean[0, :-1].double().log_softmax(-1),
+                                      log_target=True, reduction="sum"))  # KL(p_clean || p_ablated), summed
             n_pred += n - 1
     assert res.n_tokens == n_pred == sum(lengths) - 4
     assert res.loss_orig == pytest.approx(orig / n_pred, abs=1e-5)
     assert res.loss_zero == pytest.approx(zero / n_pred, abs=1e-5)
+    assert res.kl_zero == pytest.approx(kl_zero / n_pred, abs=1e-5) and res.kl_zero > 1e-3
     assert res.loss_sparse[0] == pytest.approx(orig / n_pred, abs=1e-5)  # the exact copy
     assert res.loss_sparse[1] == pytest.approx(zero / n_pred, abs=1e-5)
 

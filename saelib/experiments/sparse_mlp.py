@@ -524,6 +524,8 @@ class SparseMLPSweep:
         seconds: wall time of activation collection, training and evaluation.
         curve: the spliced losses at each checkpoint of the run, then the final ones (the
             same as ``results``): ``{layer: [LossRecovered per checkpoint]}``.
+        best_cos_curve, alive_frac_curve: ``best_cos`` and ``alive_frac`` at each point of
+            ``curve`` (the last ones are ``best_cos`` and ``alive_frac``).
         tokens_seen: training tokens drawn at each point of ``curve``.
     """
 
@@ -535,6 +537,8 @@ class SparseMLPSweep:
     alive_frac: dict[int, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=lambda: {"collect": 0.0, "train": 0.0, "evaluate": 0.0})
     curve: dict[int, list[LossRecovered]] = field(default_factory=dict, repr=False)
+    best_cos_curve: dict[int, list[dict[str, list[Tensor]]]] = field(default_factory=dict, repr=False)
+    alive_frac_curve: dict[int, list[list[float]]] = field(default_factory=dict, repr=False)
     tokens_seen: list[int] = field(default_factory=list)
 
 
@@ -586,12 +590,16 @@ def sparse_mlp_sweep(
         out.curve[layer] = spliced_losses_many(model, heldout_docs, sms, y.mean(0), tokens_per_batch=tokens_per_batch,
                                                progress=cfg.train.progress, precision=precision)
         out.results[layer] = out.curve[layer][-1]
-        alive = torch.zeros(sm.sae.n_inst, sm.sae.d_sae, dtype=torch.bool, device=sm.sae.W_enc.device)
-        for i in range(0, len(x), 2048):
-            alive |= active(sm.latents(x[i : i + 2048])).any(0)
-        cos = neuron_cosines(model, sm)
-        out.best_cos[layer] = {part: [v.cpu() for v in max_neuron_cosines(cos[part], alive)] for part in ("enc", "dec")}
-        out.alive_frac[layer] = alive.float().mean(-1).tolist()
+        out.best_cos_curve[layer], out.alive_frac_curve[layer] = [], []
+        for point in sms:
+            alive = torch.zeros(point.sae.n_inst, point.sae.d_sae, dtype=torch.bool, device=point.sae.W_enc.device)
+            for i in range(0, len(x), 2048):
+                alive |= active(point.latents(x[i : i + 2048])).any(0)
+            cos = neuron_cosines(model, point)
+            out.best_cos_curve[layer].append(
+                {part: [v.cpu() for v in max_neuron_cosines(cos[part], alive)] for part in ("enc", "dec")})
+            out.alive_frac_curve[layer].append(alive.float().mean(-1).tolist())
+        out.best_cos[layer], out.alive_frac[layer] = out.best_cos_curve[layer][-1], out.alive_frac_curve[layer][-1]
         out.sparse_mlps[layer] = sm
         out.seconds["collect"] += t1 - t0
         out.seconds["train"] += t2 - t1

@@ -229,7 +229,13 @@ def test_smollm2_loss_recovered_one_layer(smollm2, cache_dir):
     held = tokenize_documents(split.heldout_texts[:4], lm.tokenizer, lm.bos_id, 64)
     layer = 0  # zero-ablating SmolLM2's first MLP is catastrophic (held-out loss about 13.2 nats, measured here)
     cfg = SparseMLPConfig(S_values=(-4.0,), d_sae=576, steps=150, batch_size=256, lr=2e-3, progress=False)
-    res = sparse_mlp_sweep(lm, train, held, cfg, layers=[layer], tokens_per_batch=256).results[layer]
+    sweep = sparse_mlp_sweep(lm, train, held, cfg, layers=[layer], tokens_per_batch=256, checkpoints=(50, 100))
+    res = sweep.results[layer]
+    assert sweep.tokens_seen == [50 * 256, 100 * 256, 150 * 256]
+    assert len(sweep.curve[layer]) == len(sweep.best_cos_curve[layer]) == len(sweep.alive_frac_curve[layer]) == 3
+    assert sweep.curve[layer][-1] is res and sweep.best_cos_curve[layer][-1] is sweep.best_cos[layer]
+    early = sweep.curve[layer][0]  # the same clean and ablated passes; a sparse MLP trained for a third of the steps
+    assert (early.loss_orig, early.loss_zero) == (res.loss_orig, res.loss_zero) and early.loss_sparse != res.loss_sparse
     assert 1.0 < res.loss_orig < 5.0  # a real language model on English text
     assert res.loss_orig < res.loss_sparse[0] < res.loss_zero
     assert res.loss_zero > res.loss_orig + 3.0

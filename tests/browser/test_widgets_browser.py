@@ -66,8 +66,8 @@ QUICK_OVERRIDES: dict[str, dict[str, object]] = {
     # language-model notebooks: on top of SAELIB_QUICK=1 (which the parameters cell reads)
     "06": {"LAYERS": (2, 23), "S_VALUES": (0, 4), "D_SAE": 256, "STEPS": 50, "BATCH": 128, "N_TRAIN_DOCS": 15,
            "N_HELDOUT_DOCS": 3},
-    "07": {"STEPS": 60, "D_SAE": 576, "N_TRAIN_DOCS": 40, "N_EVAL_DOCS": 30},
-    "08": {"STEPS": 60, "WIDTHS": (144, 288, 576), "N_TRAIN_DOCS": 40, "N_EVAL_DOCS": 30, "N_MCS_DOCS": 30},
+    "07": {"PASSES": 8, "D_SAE": 576, "N_TRAIN_DOCS": 40, "N_EVAL_DOCS": 30},
+    "08": {"PASSES": 8, "WIDTHS": (144, 288, 576), "N_TRAIN_DOCS": 40, "N_EVAL_DOCS": 30, "N_MCS_DOCS": 30},
 }
 
 # Notebooks that fail in the browser for a reason inside the notebook (not this test): number -> reason.

@@ -43,8 +43,9 @@ $(STAMP): pyproject.toml Makefile
 TOY_NOTEBOOKS := $(sort $(wildcard notebooks/0[1-5]_*.ipynb))
 LM_NOTEBOOKS := $(filter-out $(TOY_NOTEBOOKS),$(NOTEBOOKS))
 FIGURES_JOBS ?= 2
+# a cell may run 4 hours: 06's spliced evaluation at its floors is one cell (~1.5 h on 2 cores without bf16)
 EXECUTE := $(RUN) $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace \
-	--ExecutePreprocessor.timeout=3600 --ExecutePreprocessor.kernel_name=python3
+	--ExecutePreprocessor.timeout=14400 --ExecutePreprocessor.kernel_name=python3
 figures notebooks: $(STAMP)
 	@printf '%s\n' $(TOY_NOTEBOOKS) | xargs -P $(FIGURES_JOBS) -I {} sh -c \
 		'echo "== executing {}"; $(EXECUTE) "{}" || { echo "make figures: {} FAILED" >&2; exit 255; }'

@@ -102,6 +102,9 @@ Node = tuple[int, int]
 
 
 # ---------------------------------------------------------------------------- pairwise scores
+_CHECK_ROWS = 8192  # rows per chunk of the input checks
+
+
 def _check_pair(acts_a: Tensor, acts_b: Tensor) -> None:
     if acts_a.ndim != 2 or acts_b.ndim != 2:
         raise ValueError(f"activations must be [n_tokens, d_sae], got {tuple(acts_a.shape)} and {tuple(acts_b.shape)}")
@@ -110,10 +113,12 @@ def _check_pair(acts_a: Tensor, acts_b: Tensor) -> None:
     if acts_a.shape[0] == 0:
         raise ValueError(f"need activations on at least one token, got n_tokens=0 (shapes {tuple(acts_a.shape)} and {tuple(acts_b.shape)})")
     for name, t in (("acts_a", acts_a), ("acts_b", acts_b)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN/inf")
-        if (t < 0).any():
-            raise ValueError(f"{name} has negative activations; MCS assumes ReLU/TopK latents (min {t.min().item()})")
+        for start in range(0, t.shape[0], _CHECK_ROWS):  # in row chunks: no [n_tokens, d_sae] temporaries
+            chunk = t[start : start + _CHECK_ROWS]
+            if not torch.isfinite(chunk).all():
+                raise ValueError(f"{name} contains NaN/inf")
+            if (chunk < 0).any():
+                raise ValueError(f"{name} has negative activations; MCS assumes ReLU/TopK latents (min {t.min().item()})")
 
 
 def _check_min_support(min_support: int | None) -> None:
@@ -122,9 +127,11 @@ def _check_min_support(min_support: int | None) -> None:
         raise ValueError(f"min_support must be None or a positive number of tokens, got {min_support!r}")
 
 
-def _support(acts: Tensor) -> Tensor:
-    """``[d_sae]``: the number of tokens on which each latent is active."""
-    return active(acts).sum(0)
+def _support(acts: Tensor, chunk_size: int = _CHECK_ROWS) -> Tensor:
+    """``[d_sae]`` (int64): the number of tokens on which each latent is active, counted in row
+    chunks (no ``[n_tokens, d_sae]`` temporary)."""
+    return sum((active(acts[start : start + chunk_size]).sum(0) for start in range(0, acts.shape[0], chunk_size)),
+               torch.zeros(acts.shape[1], dtype=torch.long, device=acts.device))
 
 
 def _sparse_rows(t: Tensor) -> sp.csr_matrix:
@@ -199,7 +206,7 @@ def _directed(s: dict[str, Tensor], acts_a: Tensor, acts_b: Tensor, scale_by_max
         max_b = acts_b.amax(0).double()  # [d_b]
         cos = cos * _safe_div(max_b[None, :], max_a[:, None].expand(-1, len(max_b)))
     if min_support is not None:
-        cos = cos.masked_fill((_support(acts_b) < min_support)[None, :], 0.0)
+        cos = cos.masked_fill((s["b_count"] < min_support)[None, :], 0.0)  # b_count: B_j's support
     return cos.float()
 
 
@@ -289,7 +296,7 @@ def build_feature_dag(
         if a.shape[0] == 0:
             raise ValueError(f"acts[{level}] has no tokens (n_tokens=0, shape {tuple(a.shape)}): nothing to compare")
         max_act = a.amax(0)
-        freq = active(a).float().mean(0)
+        freq = _support(a).float() / a.shape[0]  # = active(a).float().mean(0), without the dense float copy
         for j in torch.nonzero(max_act > 0).flatten().tolist():
             dag.add_node(
                 (level, j),
@@ -311,7 +318,7 @@ def build_feature_dag(
         chosen = directed if score == "directed" else symmetric
         links = chosen >= threshold  # [d_a, d_b]
         if min_support is not None:
-            weak = links & (_support(b) < min_support)[None, :]  # links of a child below the floor
+            weak = links & (sums["b_count"] < min_support)[None, :]  # links of a child below the floor
             dag.graph["removed_by_support"][level] = sum(
                 (level, i) in dag and (level + 1, j) in dag for i, j in torch.nonzero(weak).tolist())
             links = links & ~weak

@@ -309,3 +309,31 @@ def test_link_summary_counts_links_by_hand():
     assert s.by_factor_frac.estimate == pytest.approx(0.5)
     assert [n for n, _ in s.multi] == [(1, 0)] and s.chain == [(0, 0), (1, 0), (2, 0)]
     assert link_summary(nx.DiGraph()).inside_frac is None
+
+
+# ---------------------------------------------------------------------------- row chunks
+@pytest.mark.parametrize("bad, match", [(float("nan"), "NaN"), (-0.5, "negative")])
+def test_bad_value_in_a_later_row_chunk_is_rejected(monkeypatch, bad, match):
+    monkeypatch.setattr(ft, "_CHECK_ROWS", 3)  # 10 rows: chunks 0-2, 3-5, 6-8, 9
+    a = torch.ones(10, 2)
+    a[9, 1] = bad  # only in the last, partial chunk
+    with pytest.raises(ValueError, match=match):
+        ft.directed_mcs(a, torch.ones(10, 2))
+    with pytest.raises(ValueError, match=match):
+        ft.build_feature_dag([torch.ones(10, 2), a])
+
+
+def test_node_frequency_and_floor_count_every_row_chunk(monkeypatch):
+    monkeypatch.setattr(ft, "_CHECK_ROWS", 4)
+    n = 10  # level 1 latent 0 fires on rows 0, 5 and 9 (three chunks), latent 1 on rows 1-8
+    parent = torch.ones(n, 1)
+    child = torch.zeros(n, 2)
+    child[[0, 5, 9], 0] = 1.0
+    child[1:9, 1] = 1.0
+    dag = ft.build_feature_dag([parent, child], threshold=0.0, min_support=4)
+    assert dag.nodes[(1, 0)]["frequency"] == pytest.approx(3 / 10)
+    assert dag.nodes[(1, 1)]["frequency"] == pytest.approx(8 / 10)
+    assert dag.nodes[(0, 0)]["frequency"] == 1.0
+    # support 3 < 4: the link to latent 0 is removed and counted; support 8 keeps latent 1's link
+    assert list(dag.edges) == [((0, 0), (1, 1))]
+    assert dag.graph["removed_by_support"] == [1]

@@ -583,7 +583,7 @@ def sparse_mlp_sweep(
     for layer in layers:
         t0 = time.perf_counter()
         x = y = None  # the previous layer's activations go before this layer's are read
-        x, y = store[hooks[layer][0]][rows].float(), store[hooks[layer][1]][rows].float()
+        x, y = store.read(hooks[layer][0], rows), store.read(hooks[layer][1], rows)  # in memory, float32
         t1 = time.perf_counter()
         sms = train_sparse_mlps_with_checkpoints(x, y, cfg, layer=layer, hooks=hooks[layer], checkpoints=checkpoints)
         sm = sms[-1]

@@ -148,6 +148,27 @@ class ActivationStore:
             raise KeyError(f"hook {hook!r} not in this store (it has {self.hooks})")
         return self.acts[hook]
 
+    def read(self, hook: str, rows: Int[Tensor, " n"] | None = None, chunk: int = 65536) -> Float[Tensor, "n d"]:
+        """The hook's activations at ``rows`` (all stored tokens when None) as an in-memory float32
+        ``[n, d]`` tensor, the same values as ``self[hook][rows].float()``.
+
+        Read through a mapping of its own that is closed before returning, in chunks of ``chunk``
+        rows, so the file's pages do not stay mapped into the process (they would count towards its
+        resident memory) and no second full-size copy is made for a float16 store. Raises KeyError
+        for an unknown hook and IndexError for a row out of range."""
+        if hook not in self.acts:
+            raise KeyError(f"hook {hook!r} not in this store (it has {self.hooks})")
+        rows = torch.arange(self.n_tokens) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.n_tokens):
+            raise IndexError(f"rows must lie in [0, {self.n_tokens}), got {int(rows.min())}..{int(rows.max())}")
+        mapped = np.load(self.folder / f"act-{self.hooks.index(hook)}.npy", mmap_mode="r")
+        out = torch.empty(len(rows), mapped.shape[1], dtype=torch.float32)
+        idx = rows.numpy()
+        for i in range(0, len(idx), chunk):
+            out[i : i + chunk] = torch.from_numpy(np.array(mapped[idx[i : i + chunk]]))  # a copy of these rows
+        del mapped  # the last reference: unmapped here
+        return out
+
     @property
     def n_tokens(self) -> int:
         """Stored tokens, BOS included."""

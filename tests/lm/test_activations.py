@@ -3,6 +3,7 @@ harvest / cache / sampler (saelib.lm.activations), on a tiny randomly initialise
 LayerNorm (so padding invariance is tested through normalisation, attention and MLPs)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -226,3 +227,23 @@ def test_tokenize_split_rejects_bad_counts(tokenizer, n):
 
     with pytest.raises(ValueError, match=f"n_train_docs must be in \\[1, 12\\] or None, got {n}"):
         tokenize_split(_split(), tokenizer, 0, 8, n_train_docs=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_read_gives_the_stored_rows_as_float32_and_leaves_no_mapping(tokenizer, cache_dir, dtype):
+    lm = tiny_lm(tokenizer)
+    docs = tokenize_documents(TEXTS, tokenizer, 0, 8)
+    hook = utils.get_act_name("mlp_out", 1)
+    store = harvest_activations(lm, docs, [hook], dtype=dtype, progress=False)
+    rows = store.rows()[torch.tensor([5, 0, 3, 3, 1])]  # any order, repeats allowed
+    maps = lambda: open("/proc/self/maps").read().count(str(store.folder)) if os.path.exists("/proc/self/maps") else 0
+    before = maps()
+    got = store.read(hook, rows, chunk=2)  # chunks of 2, 2 and 1 rows
+    assert maps() == before  # its own mapping is gone
+    assert got.dtype == torch.float32 and got.shape == (5, 8)
+    assert torch.equal(got, store[hook][rows].float())
+    assert torch.equal(store.read(hook), store[hook].float())  # rows=None: every stored token, BOS included
+    with pytest.raises(KeyError, match="not in this store"):
+        store.read("blocks.0.hook_mlp_out")
+    with pytest.raises(IndexError, match=rf"\[0, {store.n_tokens}\)"):
+        store.read(hook, torch.tensor([0, store.n_tokens]))
